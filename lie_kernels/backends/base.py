@@ -1,0 +1,66 @@
+"""The contract every backend implements.
+
+All backends compute the same function on the ``(C_out, M)`` unfolding of a
+weight ``W`` (any 2-5 dim tensor whose trailing dims flatten to ``M``)::
+
+    x   = scale * (u @ p)                       # Δ_(1) = u @ p, never stored whole
+    W'  = W + W ⊙ expm1_K(x)                    # K = order; None = exact exp
+
+and its backward, with ``g = dL/dW'``::
+
+    t   = g ⊙ W ⊙ exp_{K-1}(x)                  # exact exp: g ⊙ W ⊙ exp(x)
+    du  = scale * t @ pᵀ,   dp = scale * uᵀ @ t
+    dW  = g ⊙ exp_K(x)
+
+``u`` is ``(C_out, r)`` and ``p`` is ``(r, M)``; both have W's dtype and device
+(checked before a backend is called). ``order`` is an int >= 0 or None.
+Outputs: ``forward`` returns a contiguous tensor of W's shape and dtype;
+``backward`` returns ``(dw, du, dp)`` in W's dtype (``dw`` is None unless asked
+for). Nothing the size of W may be kept between the two calls.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+class Backend:
+    """Base class; subclasses override the four methods below."""
+
+    #: registry key, e.g. "torch", "triton", "cuda"
+    name: str = ""
+    #: preference when ``backend="auto"`` (higher wins among usable ones)
+    priority: int = 0
+
+    def availability(self) -> Tuple[bool, str]:
+        """(usable in this process at all, human-readable reason)."""
+        raise NotImplementedError
+
+    def auto_priority(self, weight: Tensor) -> Optional[int]:
+        """Rank for ``backend="auto"`` on W's device; None = never picked automatically."""
+        return self.priority
+
+    def not_supported_reasons(self, weight: Tensor, u: Tensor, p: Tensor,
+                              order: Optional[int]) -> list:
+        """Why this backend cannot take these inputs; empty list = it can."""
+        raise NotImplementedError
+
+    def forward(self, weight: Tensor, u: Tensor, p: Tensor,
+                order: Optional[int], scale: float) -> Tensor:
+        raise NotImplementedError
+
+    def backward(self, grad: Tensor, weight: Tensor, u: Tensor, p: Tensor,
+                 order: Optional[int], scale: float, need_dw: bool
+                 ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+        raise NotImplementedError
+
+
+def unfold(t: Tensor) -> Tensor:
+    """``(C_out, M)`` view of ``t`` when its strides allow one, else a copy."""
+    rows = t.shape[0]
+    try:
+        return t.view(rows, -1)
+    except RuntimeError:
+        return t.reshape(rows, -1)

@@ -1,0 +1,95 @@
+"""The fused op as a ``torch.library`` custom op with a registered autograd formula.
+
+``lie_kernels::lie_gemm(weight, u, p, order, scale, backend)`` computes
+``W ⊙ exp_K(scale · u @ p)`` on W's ``(C_out, M)`` unfolding (``order=-1``
+encodes the exact exp; ``backend`` is a concrete backend name). Being a custom
+op with fake implementations, it is opaque to ``torch.compile`` (no graph
+breaks) and autograd saves only W, u and p: never a tensor the size of W.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .backends import get_backend
+
+EXACT = -1  # the op schema has no Optional[int]; -1 stands for order=None
+
+
+def _order(order: int) -> Optional[int]:
+    return None if order == EXACT else order
+
+
+@torch.library.custom_op("lie_kernels::lie_gemm", mutates_args=())
+def lie_gemm(weight: Tensor, u: Tensor, p: Tensor, order: int, scale: float,
+             backend: str) -> Tensor:
+    return get_backend(backend).forward(weight, u, p, _order(order), scale)
+
+
+@lie_gemm.register_fake
+def _(weight, u, p, order, scale, backend):
+    return weight.new_empty(weight.shape)
+
+
+@torch.library.custom_op("lie_kernels::lie_gemm_backward", mutates_args=())
+def lie_gemm_backward(grad: Tensor, weight: Tensor, u: Tensor, p: Tensor, order: int,
+                      scale: float, backend: str, need_dw: bool
+                      ) -> Tuple[Tensor, Tensor, Tensor]:
+    dw, du, dp = get_backend(backend).backward(grad, weight, u, p, _order(order), scale,
+                                               need_dw)
+    # The schema cannot return None: an empty tensor stands for "dW not asked for".
+    return (weight.new_empty(0) if dw is None else dw), du, dp
+
+
+@lie_gemm_backward.register_fake
+def _(grad, weight, u, p, order, scale, backend, need_dw):
+    dw = weight.new_empty(weight.shape if need_dw else (0,))
+    return dw, u.new_empty(u.shape), p.new_empty(p.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    weight, u, p, order, scale, backend = inputs
+    ctx.save_for_backward(weight, u, p)
+    ctx.order, ctx.scale, ctx.backend = order, scale, backend
+
+
+def _backward(ctx, grad):
+    weight, u, p = ctx.saved_tensors
+    need_dw = ctx.needs_input_grad[0]
+    dw, du, dp = lie_gemm_backward(grad, weight, u, p, ctx.order, ctx.scale, ctx.backend,
+                                   need_dw)
+    return (dw if need_dw else None, du, dp, None, None, None)
+
+
+lie_gemm.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLieGemm(torch.autograd.Function):
+    """The same op and formula without the custom-op dispatcher (~0.2 ms less per step).
+
+    Eager mode takes this path; ``torch.compile`` sees the custom op above.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, u, p, order, scale, backend):
+        # ctx-style forward: a separate setup_context costs a signature bind per call
+        _setup_context(ctx, (weight, u, p, order, scale, backend), None)
+        return get_backend(backend).forward(weight, u, p, _order(order), scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, u, p = ctx.saved_tensors
+        need_dw = ctx.needs_input_grad[0]
+        dw, du, dp = get_backend(ctx.backend).backward(grad, weight, u, p, _order(ctx.order),
+                                                       ctx.scale, need_dw)
+        return dw, du, dp, None, None, None
+
+
+def apply(weight: Tensor, u: Tensor, p: Tensor, order: int, scale: float,
+          backend: str) -> Tensor:
+    """Run the fused op: the custom op under ``torch.compile``, the lean Function in eager."""
+    if torch.compiler.is_compiling():
+        return lie_gemm(weight, u, p, order, scale, backend)
+    return _EagerLieGemm.apply(weight, u, p, order, scale, backend)
