@@ -194,3 +194,15 @@ def test_model_merge_unmerge_and_training_step():
     assert torch.allclose(model(x), y, rtol=1e-5, atol=1e-5)
     lk.unmerge(model)
     assert torch.allclose(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_layer_merge(dtype):
+    layer = _wrap(nn.Conv2d(4, 6, 3).to(dtype), "tucker", 2)
+    x = torch.randn(1, 4, 6, 6, dtype=dtype)
+    y0 = layer(x).float()
+    layer.merge()
+    y1 = layer(x).float()
+    assert ((y1 - y0).abs().max() / y0.abs().max()).item() < 2e-2
+    layer.unmerge()
+    assert layer.base.weight.dtype == dtype

@@ -41,6 +41,12 @@ def _ranks(rank, shape: Sequence[int], parametrization: str):
     return tuple(min(int(r), d) for r, d in zip(rank, shape))
 
 
+def _orthonormal(rows: int, cols: int, dtype, device) -> Tensor:
+    # QR has no fp16/bf16 kernels on CPU: draw in fp32, then cast.
+    q = nn.init.orthogonal_(torch.empty(rows, cols, device=device))
+    return q.to(dtype)
+
+
 class LieLayer(nn.Module):
     """Shared machinery of the Lie layers; subclasses say which base type they wrap."""
 
@@ -84,7 +90,7 @@ class LieLayer(nn.Module):
             self.lie_core = nn.Parameter(torch.zeros(self.ranks, **kw))
             for n, (d, rn) in enumerate(zip(w.shape, self.ranks)):
                 # A full-rank factor adds nothing the core cannot hold: use the identity.
-                f = None if rn == d else nn.Parameter(nn.init.orthogonal_(torch.empty(d, rn, **kw)))
+                f = None if rn == d else nn.Parameter(_orthonormal(d, rn, **kw))
                 self.register_parameter(f"lie_u{n}", f)
         self.register_buffer("lie_merged", torch.zeros((), dtype=torch.bool))
 
@@ -96,9 +102,9 @@ class LieLayer(nn.Module):
     def factors(self):
         return [getattr(self, f"lie_u{n}") for n in range(self.base.weight.dim())]
 
-    def adapted_weight(self, weight: Optional[Tensor] = None) -> Tensor:
+    def adapted_weight(self) -> Tensor:
         """``W ⊙ exp_K(scale · Δ)`` (differentiable in the factors)."""
-        w = self.base.weight if weight is None else weight
+        w = self.base.weight
         kw = dict(order=self.order, scale=self.scale, backend=self.backend)
         if self.parametrization == "lowrank":
             return lie_weight_lowrank(w, self.lie_a, self.lie_b, **kw)
@@ -126,7 +132,11 @@ class LieLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """``W ← W ⊙ exp_K(scale·Δ)`` in fp32, cast back; forward then uses the base layer."""
+        """``W ← W ⊙ exp_K(scale·Δ)`` in fp32, cast back; forward then uses the base layer.
+
+        ``unmerge`` divides by the very same fp32 ``exp_K(scale·Δ)``, so the round
+        trip costs two roundings of W, whatever the order.
+        """
         if self.merged:
             raise RuntimeError(f"{type(self).__name__} is already merged")
         w = self.base.weight
@@ -135,8 +145,7 @@ class LieLayer(nn.Module):
             raise ValueError(f"cannot merge exactly: exp_{self.order}(scale·Δ) is 0 at some "
                              "entries, so unmerge could not invert it; use an even order "
                              "(strictly positive series) or the exact exp (order=None)")
-        wc = w.to(e.dtype)
-        w.copy_(self.adapted_weight(wc).detach())
+        w.copy_(w.to(e.dtype) * e)
         self.lie_merged.fill_(True)
 
     @torch.no_grad()
