@@ -101,8 +101,9 @@ def test_row_sliced_weight_and_expanded_grad(backend, device):
 def test_low_precision_beats_same_math_in_that_precision(backend, device, dtype, order):
     """Judged against the naive reference run by PyTorch in the same precision."""
     if backend == "triton" and dtype == torch.bfloat16 and device == "cpu":
-        pytest.skip("bf16 tl.dot is wrong inside the Triton interpreter; bf16 Triton is "
-                    "tested on a GPU only")
+        pytest.skip("the Triton interpreter rounds fp32->bf16 by truncation (measured: "
+                    "0.78038 -> 0.777 instead of 0.781), so bf16 Triton accuracy is "
+                    "judged on a GPU only")
     w, core, factors = tucker_inputs((12, 10, 3, 3), (4, 3, 3, 2), (2,), dtype=dtype,
                                      device=device)
     _skip_unless_supported(backend, w, order)
