@@ -7,15 +7,13 @@ from torch import Tensor
 
 from . import ops
 from ._validate import check_factor, check_order, check_scale, check_weight
-from .backends import select_backend
 from .tucker import tucker_to_gemm
 
 
 def lie_gemm(weight: Tensor, u: Tensor, p: Tensor, order: Optional[int], scale: float,
              backend: str = "auto") -> Tensor:
     """``W ⊙ exp_K(scale · (u @ p).view(W.shape))`` for already-checked inputs."""
-    be = select_backend(backend, weight, u, p, order)
-    return ops.apply(weight, u, p, ops.EXACT if order is None else order, scale, be.name)
+    return ops.apply(weight, u, p, order, scale, backend)
 
 
 def lie_weight(weight: Tensor, core: Tensor, factors: Sequence[Optional[Tensor]], *,

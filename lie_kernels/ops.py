@@ -2,9 +2,11 @@
 
 ``lie_kernels::lie_gemm(weight, u, p, order, scale, backend)`` computes
 ``W ⊙ exp_K(scale · u @ p)`` on W's ``(C_out, M)`` unfolding (``order=-1``
-encodes the exact exp; ``backend`` is a concrete backend name). Being a custom
-op with fake implementations, it is opaque to ``torch.compile`` (no graph
+encodes the exact exp; ``backend`` is a backend name or ``"auto"``). Being a
+custom op with fake implementations, it is opaque to ``torch.compile`` (no graph
 breaks) and autograd saves only W, u and p: never a tensor the size of W.
+Under ``torch.compile`` the backend is resolved inside the op, at run time:
+the registry (lazy imports, availability probes) is not traceable by dynamo.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .backends import get_backend
+from .backends import Backend, select_backend
 
 EXACT = -1  # the op schema has no Optional[int]; -1 stands for order=None
 
@@ -22,10 +24,15 @@ def _order(order: int) -> Optional[int]:
     return None if order == EXACT else order
 
 
+def _backend(name: str, weight: Tensor, u: Tensor, p: Tensor, order: int) -> Backend:
+    # Same inputs, same choice: forward and backward resolve "auto" identically.
+    return select_backend(name, weight, u, p, _order(order))
+
+
 @torch.library.custom_op("lie_kernels::lie_gemm", mutates_args=())
 def lie_gemm(weight: Tensor, u: Tensor, p: Tensor, order: int, scale: float,
              backend: str) -> Tensor:
-    return get_backend(backend).forward(weight, u, p, _order(order), scale)
+    return _backend(backend, weight, u, p, order).forward(weight, u, p, _order(order), scale)
 
 
 @lie_gemm.register_fake
@@ -37,8 +44,8 @@ def _(weight, u, p, order, scale, backend):
 def lie_gemm_backward(grad: Tensor, weight: Tensor, u: Tensor, p: Tensor, order: int,
                       scale: float, backend: str, need_dw: bool
                       ) -> Tuple[Tensor, Tensor, Tensor]:
-    dw, du, dp = get_backend(backend).backward(grad, weight, u, p, _order(order), scale,
-                                               need_dw)
+    dw, du, dp = _backend(backend, weight, u, p, order).backward(
+        grad, weight, u, p, _order(order), scale, need_dw)
     # The schema cannot return None: an empty tensor stands for "dW not asked for".
     return (weight.new_empty(0) if dw is None else dw), du, dp
 
@@ -69,27 +76,30 @@ lie_gemm.register_autograd(_backward, setup_context=_setup_context)
 class _EagerLieGemm(torch.autograd.Function):
     """The same op and formula without the custom-op dispatcher (~0.2 ms less per step).
 
-    Eager mode takes this path; ``torch.compile`` sees the custom op above.
+    Eager mode takes this path with an already resolved backend; ``torch.compile``
+    sees the custom op above.
     """
 
     @staticmethod
-    def forward(ctx, weight, u, p, order, scale, backend):
+    def forward(ctx, weight, u, p, order, scale, backend: Backend):
         # ctx-style forward: a separate setup_context costs a signature bind per call
         _setup_context(ctx, (weight, u, p, order, scale, backend), None)
-        return get_backend(backend).forward(weight, u, p, _order(order), scale)
+        return backend.forward(weight, u, p, _order(order), scale)
 
     @staticmethod
     def backward(ctx, grad):
         weight, u, p = ctx.saved_tensors
         need_dw = ctx.needs_input_grad[0]
-        dw, du, dp = get_backend(ctx.backend).backward(grad, weight, u, p, _order(ctx.order),
-                                                       ctx.scale, need_dw)
+        dw, du, dp = ctx.backend.backward(grad, weight, u, p, _order(ctx.order), ctx.scale,
+                                          need_dw)
         return dw, du, dp, None, None, None
 
 
-def apply(weight: Tensor, u: Tensor, p: Tensor, order: int, scale: float,
+def apply(weight: Tensor, u: Tensor, p: Tensor, order: Optional[int], scale: float,
           backend: str) -> Tensor:
     """Run the fused op: the custom op under ``torch.compile``, the lean Function in eager."""
+    code = EXACT if order is None else order
     if torch.compiler.is_compiling():
-        return lie_gemm(weight, u, p, order, scale, backend)
-    return _EagerLieGemm.apply(weight, u, p, order, scale, backend)
+        return lie_gemm(weight, u, p, code, scale, backend)
+    return _EagerLieGemm.apply(weight, u, p, code, scale,
+                               select_backend(backend, weight, u, p, order))

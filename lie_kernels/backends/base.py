@@ -20,7 +20,7 @@ for). Nothing the size of W may be kept between the two calls.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -55,6 +55,12 @@ class Backend:
                  order: Optional[int], scale: float, need_dw: bool
                  ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
         raise NotImplementedError
+
+    def forward_many(self, weights: Sequence[Tensor], us: Sequence[Tensor],
+                     ps: Sequence[Tensor], order: Optional[int], scales: Sequence[float]
+                     ) -> List[Tensor]:
+        """``forward`` for many layers at once; backends with a grouped kernel override it."""
+        return [self.forward(w, u, p, order, s) for w, u, p, s in zip(weights, us, ps, scales)]
 
 
 def unfold(t: Tensor) -> Tensor:

@@ -12,13 +12,16 @@ import itertools
 import multiprocessing
 import sys
 
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile
 
-from .triton_kernels import EXACT, lie_bwd_kernel, lie_fwd_kernel
+from .triton_kernels import (EXACT, TABLE_COLS, lie_bwd_kernel, lie_fwd_grouped_kernel,
+                             lie_fwd_kernel)
 
 ORDERS = [EXACT, *range(0, 9)]
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+_TL = {"*fp32": tl.float32, "*fp16": tl.float16, "*bf16": tl.bfloat16}
 # Every order and dtype with the smallest rank tile; the largest tile (rank 65..128)
 # changes only the tile shape, so one order per dtype covers it.
 BIG_RANK_PAD, BIG_RANK_ORDERS = 128, (4,)
@@ -43,11 +46,22 @@ def _bwd_source(dtype: str, order: int, rp: int) -> ASTSource:
     return ASTSource(lie_bwd_kernel, {**sig, **{k: "constexpr" for k in const}}, const)
 
 
+def _grouped_source(dtype: str, order: int, rp: int) -> ASTSource:
+    sig = dict(table_ptr="*i64", tile_layer_ptr="*i32", tile_first_ptr="*i32",
+               scale_ptr="*fp32")
+    const = dict(DTYPE=_TL[dtype], ORDER=order, RP=rp, BLOCK_R=64, BLOCK_C=128,
+                 DOT_FP32=dtype == "*fp32")
+    assert len(TABLE_COLS) == 14  # the kernel reads a 14-column table row
+    return ASTSource(lie_fwd_grouped_kernel, {**sig, **{k: "constexpr" for k in const}}, const)
+
+
 def cases():
     """(description, ASTSource factory, args) for everything we ship."""
     for dtype, order in itertools.product(DTYPES, ORDERS):
         for rp in (16, BIG_RANK_PAD) if order in BIG_RANK_ORDERS else (16,):
             yield f"fwd {dtype} order={order} rank_pad={rp}", _fwd_source, (DTYPES[dtype], order, rp)
+            if rp == 16:
+                yield f"grouped fwd {dtype} order={order}", _grouped_source, (DTYPES[dtype], order, rp)
             if order != 0:  # order 0 has no backward kernel: its gradients are zero
                 yield f"bwd {dtype} order={order} rank_pad={rp}", _bwd_source, (DTYPES[dtype], order, rp)
 

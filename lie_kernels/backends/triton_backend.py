@@ -16,7 +16,10 @@ from .base import Backend, unfold
 
 try:
     import triton
+    import triton.language as tl
     from . import triton_kernels as K
+    _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
+                  torch.bfloat16: tl.bfloat16}
     _IMPORT_ERROR = None
 except ImportError as exc:  # triton is optional
     _IMPORT_ERROR = exc
@@ -118,6 +121,45 @@ class TritonBackend(Backend):
         # fixed-order sums of the partials: deterministic, no atomics
         du, dp = du_part.sum(0).to(u.dtype), dp_part.sum(0).to(p.dtype)
         return (dw.view(weight.shape) if need_dw else None), du, dp
+
+    def forward_many(self, weights, us, ps, order, scales):
+        """All layers of one dtype in one launch of the grouped kernel."""
+        outs = [None] * len(weights)
+        groups = {}
+        for i, w in enumerate(weights):
+            groups.setdefault(w.dtype, []).append(i)
+        for dtype, idx in groups.items():
+            for i, out in zip(idx, self._grouped([weights[i] for i in idx],
+                                                 [us[i] for i in idx], [ps[i] for i in idx],
+                                                 order, [scales[i] for i in idx])):
+                outs[i] = out
+        return outs
+
+    def _grouped(self, weights, us, ps, order, scales):
+        w2s = [unfold(w) for w in weights]
+        outs = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+        rp = max(16, triton.next_power_of_2(max(u.shape[1] for u in us)))
+        br, bc, warps = _blocks(max(w.shape[0] for w in w2s), max(w.shape[1] for w in w2s), rp)
+        table, tiles = [], []
+        for w2, u, p, out in zip(w2s, us, ps, outs):
+            rows, cols = w2.shape
+            col_tiles = triton.cdiv(cols, bc)
+            table.append([w2.data_ptr(), u.data_ptr(), p.data_ptr(), out.data_ptr(), rows,
+                          cols, u.shape[1], *w2.stride(), *u.stride(), *p.stride(),
+                          col_tiles])
+            tiles.append(triton.cdiv(rows, br) * col_tiles)
+        dev = weights[0].device
+        counts = torch.tensor(tiles)
+        tile_layer = torch.repeat_interleave(torch.arange(len(tiles), dtype=torch.int32),
+                                             counts).to(dev)
+        tile_first = (torch.cumsum(counts, 0) - counts).to(torch.int32).to(dev)
+        K.lie_fwd_grouped_kernel[(int(counts.sum()),)](
+            torch.tensor(table, dtype=torch.int64).to(dev), tile_layer, tile_first,
+            torch.tensor(scales, dtype=torch.float32).to(dev),
+            DTYPE=_TL_DTYPES[weights[0].dtype], ORDER=_order_const(order), RP=rp,
+            BLOCK_R=br, BLOCK_C=bc,
+            DOT_FP32=_interpreting() or weights[0].dtype == torch.float32, num_warps=warps)
+        return outs
 
     @staticmethod
     def _column_splits(row_blocks: int, col_tiles: int, device: torch.device) -> int:

@@ -70,12 +70,12 @@ def _dot(a, b, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def lie_fwd_kernel(w_ptr, u_ptr, p_ptr, out_ptr, R, M, r,
-                   s_wr, s_wc, s_ur, s_uk, s_pk, s_pc, scale,
-                   ORDER: tl.constexpr, RP: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_C: tl.constexpr, DOT_FP32: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+def _fwd_tile(w_ptr, u_ptr, p_ptr, out_ptr, R, M, r, s_wr, s_wc, s_ur, s_uk, s_pk, s_pc,
+              scale, pid_r, pid_c, ORDER: tl.constexpr, RP: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One (BLOCK_R, BLOCK_C) tile of W' = W + W·expm1_K(scale·u@p), stored contiguously."""
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     ks = tl.arange(0, RP)
     rmask, cmask, kmask = rows < R, cols < M, ks < r
     x = _dot(_tile(u_ptr, rows, ks, rmask, kmask, s_ur, s_uk),
@@ -84,6 +84,47 @@ def lie_fwd_kernel(w_ptr, u_ptr, p_ptr, out_ptr, R, M, r,
     out = w + w * expm1_series(scale * x, ORDER)
     tl.store(out_ptr + rows[:, None] * M + cols[None, :], out.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def lie_fwd_kernel(w_ptr, u_ptr, p_ptr, out_ptr, R, M, r,
+                   s_wr, s_wc, s_ur, s_uk, s_pk, s_pc, scale,
+                   ORDER: tl.constexpr, RP: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_C: tl.constexpr, DOT_FP32: tl.constexpr):
+    _fwd_tile(w_ptr, u_ptr, p_ptr, out_ptr, R, M, r, s_wr, s_wc, s_ur, s_uk, s_pk, s_pc,
+              scale, tl.program_id(0), tl.program_id(1), ORDER, RP, BLOCK_R, BLOCK_C,
+              DOT_FP32)
+
+
+#: int64 columns of a grouped-launch table row (one row per layer)
+TABLE_COLS = ("w", "u", "p", "out", "R", "M", "r", "s_wr", "s_wc", "s_ur", "s_uk", "s_pk",
+              "s_pc", "col_tiles")
+
+
+@triton.jit
+def lie_fwd_grouped_kernel(table_ptr, tile_layer_ptr, tile_first_ptr, scale_ptr,
+                           DTYPE: tl.constexpr, ORDER: tl.constexpr, RP: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                           DOT_FP32: tl.constexpr):
+    """Many layers' W' in one launch: program ``pid`` looks up its layer and tile.
+
+    ``tile_layer[pid]`` is the layer, ``tile_first[layer]`` its first program;
+    the layer's pointers, sizes and strides come from its ``table`` row
+    (columns ``TABLE_COLS``). Small layers stop being launch-bound.
+    """
+    pid = tl.program_id(0)
+    layer = tl.load(tile_layer_ptr + pid)
+    local = pid - tl.load(tile_first_ptr + layer)
+    row = table_ptr + layer * 14
+    col_tiles = tl.load(row + 13)
+    _fwd_tile(tl.load(row + 0).to(tl.pointer_type(DTYPE)),
+              tl.load(row + 1).to(tl.pointer_type(DTYPE)),
+              tl.load(row + 2).to(tl.pointer_type(DTYPE)),
+              tl.load(row + 3).to(tl.pointer_type(DTYPE)),
+              tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7),
+              tl.load(row + 8), tl.load(row + 9), tl.load(row + 10), tl.load(row + 11),
+              tl.load(row + 12), tl.load(scale_ptr + layer), local // col_tiles,
+              local % col_tiles, ORDER, RP, BLOCK_R, BLOCK_C, DOT_FP32)
 
 
 @triton.jit

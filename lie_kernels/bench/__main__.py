@@ -57,7 +57,11 @@ def main(argv=None) -> None:
                     "on CPU each shape/order costs ~20 s of compilation)")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--out", default="bench/results/local")
+    ap.add_argument("--quick", action="store_true",
+                    help="minimal repeats and sizes (a smoke test, not a measurement)")
     a = ap.parse_args(argv)
+    if a.quick:
+        measure.EFFORT.update(warmup=1, max_reps=3, budget_s=0.2)
     gpu = a.device == "cuda"
     os.makedirs(a.out, exist_ok=True)
     lines = []
@@ -72,10 +76,10 @@ def main(argv=None) -> None:
         cpu_core.run(log)
     elif a.command == "train":
         from . import train
-        train.run(a.device, log)
+        train.run(a.device, log, **({"batch": 2, "size": 32} if a.quick else {}))
     elif a.command == "multi":
         from . import multi_layer
-        multi_layer.run(a.device, log)
+        multi_layer.run(a.device, log, orders=(1,) if a.quick else (1, 4, None))
     else:
         cases = (CPU_DEFAULT if not gpu and a.shapes is None else
                  [c.name for c in SWEEP] if a.shapes in (None, "all") else _list(a.shapes))

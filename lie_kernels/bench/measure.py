@@ -18,6 +18,8 @@ from typing import Callable, Optional
 import torch
 
 _M_MMAP_THRESHOLD = -3
+#: CPU timing effort: (warm-up calls, repeats, seconds budget); ``--quick`` lowers it
+EFFORT = {"warmup": 2, "max_reps": None, "budget_s": 2.0}
 
 
 def _mmap_threshold(nbytes: int) -> None:
@@ -44,12 +46,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn: Callable[[], object], device: str, warmup: int = 2, reps: int = 7,
-              budget_s: float = 2.0) -> float:
+def median_ms(fn: Callable[[], object], device: str, reps: int = 7) -> float:
     """Median wall time in ms (CUDA events via ``triton.testing.do_bench`` on a GPU)."""
     if device == "cuda":
         from triton.testing import do_bench
         return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    warmup, budget_s = EFFORT["warmup"], EFFORT["budget_s"]
+    reps = min(reps, EFFORT["max_reps"] or reps)
     for _ in range(warmup):
         fn()
     times = []

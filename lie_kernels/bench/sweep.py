@@ -33,12 +33,12 @@ def usable_backends(device: str, wanted: Optional[List[str]], log) -> List[str]:
 
 def _step(fn, w, args, order, mode, g):
     """One forward (or forward+backward via autograd.grad, so nothing accumulates)."""
-    def run():
+    def step():
         out = fn(w, *args, order, 0.5)
         if mode == "fwdbwd":
             torch.autograd.grad(out, inputs.leaves(args), g)
         return out
-    return run
+    return step
 
 
 def _ours(backend, parametrization):
@@ -47,12 +47,8 @@ def _ours(backend, parametrization):
                                             backend=backend)
 
 
-def run(device: str, cases: List[str], params: List[str], orders: List[Optional[int]],
-        dtypes: List[str], modes: List[str], backends: List[str], with_compile: bool,
-        with_memory: bool, log=print) -> List[Dict]:
-    copy_bw = measure.copy_bandwidth_gbs(device)
-    log(f"# device {device}: copy bandwidth {copy_bw:.1f} GB/s (read+write), measured now")
-    rows = []
+def _cases(device, cases, params, orders, dtypes, modes, backends, with_compile):
+    """Yield (key, {method: step}) for every benchmark point, inputs made on the fly."""
     for case in [c for c in SWEEP if c.name in cases]:
         for param in params:
             for dtype_name in dtypes:
@@ -62,27 +58,43 @@ def run(device: str, cases: List[str], params: List[str], orders: List[Optional[
                     for mode in modes:
                         methods = {be: _ours(be, param) for be in backends}
                         methods.update(baselines.baseline_fns(param, order, with_compile))
-                        res = {}
-                        for label, fn in methods.items():
-                            step = _step(fn, w, args, order, mode, g)
-                            res[label] = (measure.median_ms(step, device),
-                                          measure.peak_mib(step, device) if with_memory
-                                          else None)
-                        passes = 2 if mode == "fwd" else 4  # bytes floor: see DESIGN.md
-                        nbytes = passes * w.numel() * w.element_size()
-                        for label, (ms, peak) in res.items():
-                            gbs = nbytes / (ms * 1e-3) / 1e9
-                            row = dict(case=case.name, shape="x".join(map(str, case.shape)),
-                                       param=param, order="exact" if order is None else order,
-                                       dtype=dtype_name, **{"pass": mode}, method=label,
-                                       ms=round(ms, 4), **{"GB/s": round(gbs, 1)},
-                                       frac_copy_bw=round(gbs / copy_bw, 3),
-                                       peak_MiB=None if peak is None else round(peak, 2))
-                            for base in ("eager", "compile", "hira"):
-                                row[f"x_vs_{base}"] = (round(res[base][0] / ms, 2)
-                                                       if base in res else None)
-                            rows.append(row)
-                            log(_fmt(row))
+                        key = (case, param, dtype_name, order, mode, w.numel() * w.element_size())
+                        yield key, {m: _step(fn, w, args, order, mode, g)
+                                    for m, fn in methods.items()}
+
+
+def run(device: str, cases: List[str], params: List[str], orders: List[Optional[int]],
+        dtypes: List[str], modes: List[str], backends: List[str], with_compile: bool,
+        with_memory: bool, log=print) -> List[Dict]:
+    """Time every point first, then (``with_memory``) measure peak memory in a second
+    pass: the CPU memory probe changes the allocator's behaviour for what follows."""
+    copy_bw = measure.copy_bandwidth_gbs(device)
+    log(f"# device {device}: copy bandwidth {copy_bw:.1f} GB/s (read+write), measured now")
+    spec = (device, cases, params, orders, dtypes, modes, backends, with_compile)
+    rows = []
+    for (case, param, dtype_name, order, mode, wbytes), steps in _cases(*spec):
+        res = {m: measure.median_ms(step, device) for m, step in steps.items()}
+        nbytes = (2 if mode == "fwd" else 4) * wbytes  # bytes floor: see DESIGN.md
+        for label, ms in res.items():
+            gbs = nbytes / (ms * 1e-3) / 1e9
+            row = dict(case=case.name, shape="x".join(map(str, case.shape)), param=param,
+                       order="exact" if order is None else order, dtype=dtype_name,
+                       **{"pass": mode}, method=label, ms=float(f"{ms:.4g}"),
+                       **{"GB/s": float(f"{gbs:.3g}")},
+                       frac_copy_bw=float(f"{gbs / copy_bw:.3g}"), peak_MiB=None)
+            for base in ("eager", "compile", "hira"):
+                row[f"x_vs_{base}"] = round(res[base] / ms, 2) if base in res else None
+            rows.append(row)
+            if not with_memory:
+                log(_fmt(row))
+    if with_memory:
+        it = iter(rows)
+        for _, steps in _cases(*spec):
+            for label, step in steps.items():
+                row = next(it)
+                peak = measure.peak_mib(step, device)
+                row["peak_MiB"] = None if peak is None else round(peak, 2)
+                log(_fmt(row))
     return rows
 
 

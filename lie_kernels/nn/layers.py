@@ -12,7 +12,7 @@ Initialisation makes ``W' == W`` bitwise: the core (or ``b``) starts at zero.
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ from .._validate import check_order, check_scale
 from ..functional import lie_weight, lie_weight_lowrank
 from ..series import compute_dtype, exp_series
 from ..reference import tucker_einsum
+from ..tucker import tucker_to_gemm
 
 PARAMETRIZATIONS = ("tucker", "lowrank")
 
@@ -93,6 +94,8 @@ class LieLayer(nn.Module):
                 f = None if rn == d else nn.Parameter(_orthonormal(d, rn, **kw))
                 self.register_parameter(f"lie_u{n}", f)
         self.register_buffer("lie_merged", torch.zeros((), dtype=torch.bool))
+        #: W' built ahead of forward by ``batch_builds`` (one call for many layers)
+        self.prebuilt: Optional[Tensor] = None
 
     # -- the update ---------------------------------------------------------------
     @property
@@ -110,6 +113,13 @@ class LieLayer(nn.Module):
             return lie_weight_lowrank(w, self.lie_a, self.lie_b, **kw)
         return lie_weight(w, self.lie_core, self.factors(), **kw)
 
+    def gemm_args(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(W, u, p)`` with ``Δ_(1) = u @ p``: what the fused op consumes."""
+        w = self.base.weight
+        if self.parametrization == "lowrank":
+            return w, self.lie_b, self.lie_a
+        return (w, *tucker_to_gemm(w, self.lie_core, self.factors()))
+
     def delta(self) -> Tensor:
         """Δ itself, materialised (for merge/unmerge and inspection only)."""
         if self.parametrization == "lowrank":
@@ -119,7 +129,8 @@ class LieLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base(x)
-        return self._apply_weight(x, self.adapted_weight())
+        w = self.prebuilt if self.prebuilt is not None else self.adapted_weight()
+        return self._apply_weight(x, w)
 
     def _apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         raise NotImplementedError

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable, Iterator, Optional, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from torch import nn
+from torch import Tensor, nn
+
+from ..multi import lie_gemm_many
 
 from .layers import LAYER_TYPES, LieLayer
 
@@ -83,6 +85,49 @@ def unmerge(model: nn.Module) -> nn.Module:
     for _, m in lie_layers(model):
         m.unmerge()
     return model
+
+
+def adapted_weights(layers: Sequence[LieLayer]) -> List[Tensor]:
+    """Every layer's ``W'`` with one fused call per (order, backend, device, dtype) group."""
+    groups: Dict[tuple, List[int]] = {}
+    for i, m in enumerate(layers):
+        w = m.base.weight
+        groups.setdefault((m.order, m.backend, w.device, w.dtype), []).append(i)
+    out: List[Optional[Tensor]] = [None] * len(layers)
+    for (order, backend, _, _), idx in groups.items():
+        ws, us, ps = zip(*(layers[i].gemm_args() for i in idx))
+        built = lie_gemm_many(ws, us, ps, [layers[i].scale for i in idx], order, backend)
+        for i, w in zip(idx, built):
+            out[i] = w
+    return out
+
+
+class BatchBuilds:
+    """Hooks that build all of a model's ``W'`` in one call before each forward."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = [m for _, m in lie_layers(model)]
+        self._handles = [model.register_forward_pre_hook(self._build),
+                         model.register_forward_hook(self._clear)]
+
+    def _build(self, module, args):
+        live = [m for m in self.layers if not m.merged]
+        for m, w in zip(live, adapted_weights(live)):
+            m.prebuilt = w
+
+    def _clear(self, module, args, output):
+        for m in self.layers:
+            m.prebuilt = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def batch_builds(model: nn.Module) -> BatchBuilds:
+    """Build every Lie layer's weight in one call per forward (pays on a GPU, where small
+    layers are launch-bound). ``.remove()`` on the result undoes it."""
+    return BatchBuilds(model)
 
 
 def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
