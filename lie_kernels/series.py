@@ -75,7 +75,9 @@ def expm1_series_(x: Tensor, order: Optional[int], buf: Optional[Tensor], scale:
     Returning the factor ``c`` lets the caller fold it into its own fused op.
     """
     if order is None:
-        return torch.expm1(x.mul_(scale), out=x), 1.0
+        # exp - 1, not torch.expm1: on CPU expm1 is scalar code, 11x slower than exp
+        # (0.5M fp32: 2.6 ms vs 0.23 ms); the cancellation costs ~1 ulp of W + W·e.
+        return torch.exp(x.mul_(scale), out=x).sub_(1.0), 1.0
     if order == 0:
         return x.zero_(), 1.0
     if order == 1:

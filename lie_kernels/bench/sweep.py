@@ -83,7 +83,7 @@ def run(device: str, cases: List[str], params: List[str], orders: List[Optional[
                        **{"GB/s": float(f"{gbs:.3g}")},
                        frac_copy_bw=float(f"{gbs / copy_bw:.3g}"), peak_MiB=None)
             for base in ("eager", "compile", "hira"):
-                row[f"x_vs_{base}"] = round(res[base] / ms, 2) if base in res else None
+                row[f"x_vs_{base}"] = float(f"{res[base] / ms:.3g}") if base in res else None
             rows.append(row)
             if not with_memory:
                 log(_fmt(row))
