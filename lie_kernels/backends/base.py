@@ -70,3 +70,11 @@ def unfold(t: Tensor) -> Tensor:
         return t.view(rows, -1)
     except RuntimeError:
         return t.reshape(rows, -1)
+
+
+def order_zero_backward(grad: Tensor, weight: Tensor, u: Tensor, p: Tensor, need_dw: bool
+                        ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+    """Order 0: exp_0 = 1, so W' = W; dW = g and the factors get no gradient."""
+    dw = (torch.empty(weight.shape, dtype=weight.dtype, device=weight.device).copy_(grad)
+          if need_dw else None)
+    return dw, torch.zeros_like(u), torch.zeros_like(p)

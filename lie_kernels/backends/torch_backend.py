@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..series import compute_dtype, exp_series_, expm1_series_
-from .base import Backend, unfold
+from .base import Backend, order_zero_backward, unfold
 
 #: elements per row block (2 MiB of fp32 per buffer). Measured on 2 cores for
 #: 512x512x3x3, order 4, fwd+bwd: 2^15 -> 14 ms, 2^17 -> 7.7-8.9 ms, 2^19 -> 7.7 ms;
@@ -62,15 +62,12 @@ class TorchBackend(Backend):
     def backward(self, grad: Tensor, weight: Tensor, u: Tensor, p: Tensor,
                  order: Optional[int], scale: float, need_dw: bool
                  ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+        if order == 0:
+            return order_zero_backward(grad, weight, u, p, need_dw)
         w2, g2 = unfold(weight), unfold(grad)
         rows, cols = w2.shape
         cd = compute_dtype(weight.dtype)
         dw = torch.empty((rows, cols), dtype=weight.dtype, device=weight.device) if need_dw else None
-        if order == 0:  # exp_0 = 1: W' = W, the factors get no gradient
-            if need_dw:
-                dw.copy_(g2)
-            return (None if dw is None else dw.view(weight.shape),
-                    torch.zeros_like(u), torch.zeros_like(p))
         uc, pc = u.to(cd), p.to(cd)
         du = torch.empty((rows, u.shape[1]), dtype=cd, device=weight.device)
         dp = torch.zeros((p.shape[0], cols), dtype=cd, device=weight.device)

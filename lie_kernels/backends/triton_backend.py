@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .base import Backend, unfold
+from .base import Backend, order_zero_backward, unfold
 
 try:
     import triton
@@ -96,12 +96,11 @@ class TritonBackend(Backend):
     def backward(self, grad: Tensor, weight: Tensor, u: Tensor, p: Tensor,
                  order: Optional[int], scale: float, need_dw: bool
                  ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+        if order == 0:
+            return order_zero_backward(grad, weight, u, p, need_dw)
         w2, g2 = unfold(weight), unfold(grad)
         rows, cols = w2.shape
         rank = u.shape[1]
-        if order == 0:  # exp_0 = 1: W' = W, the factors get no gradient
-            dw = g2.to(weight.dtype, copy=True).view(weight.shape) if need_dw else None
-            return dw, torch.zeros_like(u), torch.zeros_like(p)
         rp = max(16, triton.next_power_of_2(rank))
         br, bc, warps = _blocks(rows, cols, rp)
         row_blocks, col_tiles = triton.cdiv(rows, br), triton.cdiv(cols, bc)
