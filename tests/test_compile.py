@@ -57,15 +57,13 @@ def _model(device):
                       nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.Flatten(),
                       nn.Linear(8 * 6 * 6, 5))
     lk.inject(m, rank=2, order=2)
-    with torch.no_grad():  # leave the identity init so the update is not trivially zero
+    with torch.no_grad():  # move off the zero init so the update is not trivially zero
         for p in m.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.2)
     return m.to(device)
 
 
-@pytest.mark.xfail(strict=True, reason="nn/layers.py: LieLayer.merged is bool(self.lie_merged), "
-                   "a tensor read that dynamo must break on; remove once merged is a Python bool")
 def test_injected_model_has_no_graph_breaks():
     m = _model("cpu")
     torch._dynamo.reset()

@@ -122,6 +122,8 @@ class LieraLayer(nn.Module, LoraLayer):
                                       parametrization=self.parametrization)
         del lie._modules["base"]  # keep W reachable but out of the adapter's state dict
         object.__setattr__(lie, "base", base)
+        # PEFT tracks merging itself (merged_adapters): the flag is not adapter state
+        lie.register_buffer("lie_merged", lie.lie_merged, persistent=False)
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
         self.scaling[adapter_name] = lie.scale
         self.lora_A[adapter_name] = lie

@@ -94,13 +94,20 @@ class LieLayer(nn.Module):
                 f = None if rn == d else nn.Parameter(_orthonormal(d, rn, **kw))
                 self.register_parameter(f"lie_u{n}", f)
         self.register_buffer("lie_merged", torch.zeros((), dtype=torch.bool))
+        # mirrors lie_merged (saved in the state_dict): reading a tensor in forward
+        # would break torch.compile graphs
+        self._merged = False
         #: W' built ahead of forward by ``batch_builds`` (one call for many layers)
         self.prebuilt: Optional[Tensor] = None
 
     # -- the update ---------------------------------------------------------------
     @property
     def merged(self) -> bool:
-        return bool(self.lie_merged)
+        return self._merged
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._merged = bool(self.lie_merged)
 
     def factors(self):
         return [getattr(self, f"lie_u{n}") for n in range(self.base.weight.dim())]
@@ -158,6 +165,7 @@ class LieLayer(nn.Module):
                              "(strictly positive series) or the exact exp (order=None)")
         w.copy_(w.to(e.dtype) * e)
         self.lie_merged.fill_(True)
+        self._merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -172,6 +180,7 @@ class LieLayer(nn.Module):
             restored = w.to(compute_dtype(w.dtype)) / self._group_element()
         w.copy_(torch.where(w == 0, w, restored.to(w.dtype)))  # zeros never move
         self.lie_merged.fill_(False)
+        self._merged = False
 
     def extra_repr(self) -> str:
         return (f"parametrization={self.parametrization!r}, rank={self.ranks}, "
