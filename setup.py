@@ -1,4 +1,27 @@
-"""Build script: pure Python by default; the CUDA extension is added in csrc/ (see README)."""
+"""Build script. Pure Python by default; ``LIE_KERNELS_BUILD_CUDA=1`` adds the CUDA
+extension ``lie_kernels._C`` (csrc/; needs nvcc and a CUDA build of torch, no GPU;
+archs from TORCH_CUDA_ARCH_LIST, default "8.0;9.0"). Install with
+``pip install --no-build-isolation -e .`` so the build sees the installed torch.
+Without the extension, ``python -m lie_kernels._cuda_build`` builds it just in time.
+"""
+import os
+
 from setuptools import setup
 
-setup()
+
+def cuda_extension():
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    from lie_kernels import _cuda_build as cb
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    if cb.cuda_home():
+        os.environ.setdefault("CUDA_HOME", cb.cuda_home())
+    ext = CUDAExtension(
+        "lie_kernels._C", ["csrc/binding.cpp", "csrc/lie_kernels.cu"],
+        include_dirs=cb.include_dirs(),
+        extra_compile_args={"cxx": ["-O2", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]})
+    return dict(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})
+
+
+setup(**(cuda_extension() if os.environ.get("LIE_KERNELS_BUILD_CUDA") == "1" else {}))
