@@ -100,6 +100,8 @@ def build(verbose: bool = False) -> None:
     home = cuda_home()
     if home:
         os.environ.setdefault("CUDA_HOME", home)
+    # torch derives -gencode flags from the visible GPU, and there may be none
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     out = build_dir()
     src_time = max(p.stat().st_mtime for p in CSRC.iterdir())
     obj = out / "lie_kernels.o"

@@ -62,22 +62,19 @@ def exp_series(x: Tensor, order: Optional[int]) -> Tensor:
 def exp_series_(x: Tensor, order: Optional[int], buf: Tensor, scale: float = 1.0) -> Tensor:
     """exp_K(scale·x) into ``buf`` (same shape as x); ``x`` is left intact. Returns ``buf``."""
     if order is None:
-        return torch.exp(torch.mul(x, scale, out=buf), out=buf)
+        return torch.exp(x if scale == 1.0 else torch.mul(x, scale, out=buf), out=buf)
     if order == 0:
         return buf.fill_(1.0)
     return _nested(x, order, 1, buf, scale)
 
 
-def expm1_series_(x: Tensor, order: Optional[int], buf: Optional[Tensor], scale: float = 1.0
+def expm1_series_(x: Tensor, order: int, buf: Optional[Tensor], scale: float = 1.0
                   ) -> Tuple[Tensor, float]:
-    """``(e, c)`` with ``expm1_K(scale·x) = c·e``; ``x`` may be overwritten, ``e`` is x or buf.
+    """``(e, c)`` with ``expm1_K(scale·x) = c·e`` for an int order (the exact exp is
+    ``W·exp`` directly, see the torch backend); ``x`` may be overwritten, ``e`` is x or buf.
 
     Returning the factor ``c`` lets the caller fold it into its own fused op.
     """
-    if order is None:
-        # exp - 1, not torch.expm1: on CPU expm1 is scalar code, 11x slower than exp
-        # (0.5M fp32: 2.6 ms vs 0.23 ms); the cancellation costs ~1 ulp of W + W·e.
-        return torch.exp(x.mul_(scale), out=x).sub_(1.0), 1.0
     if order == 0:
         return x.zero_(), 1.0
     if order == 1:

@@ -1,10 +1,10 @@
-"""The ```python blocks of docs/integrations.md run, in order, in one namespace."""
+"""The ```python blocks of the README run, in order, in one namespace."""
 import re
 from pathlib import Path
 
 import pytest
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
+DOC = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_integration_docs_run(monkeypatch):

@@ -9,7 +9,6 @@ take them raises an error that lists every reason.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Dict, Optional, Tuple
 
 from torch import Tensor
@@ -24,8 +23,6 @@ _REGISTRY: Dict[str, Backend] = {}
 def _registry() -> Dict[str, Backend]:
     if not _REGISTRY:
         for mod in _MODULES:
-            if importlib.util.find_spec(f"{__name__}.{mod}") is None:
-                continue  # TODO(integration): drop once every backend module exists
             be = importlib.import_module(f"{__name__}.{mod}").BACKEND
             _REGISTRY[be.name] = be
     return _REGISTRY

@@ -46,15 +46,21 @@ class TorchBackend(Backend):
         if order == 0:
             return out.copy_(w2).view(weight.shape)
         cd = compute_dtype(weight.dtype)
-        uc, pc = u.to(cd), p.to(cd)
+        exact = order is None
+        # exact exp: the scale rides on u and W' = W·exp(s·x) is one multiply, an
+        # fp32 product rounded once (no "1 + small" to lose bits in), 2 passes not 4
+        uc, pc = u.to(cd) * scale if exact else u.to(cd), p.to(cd)
         step = min(rows, max(1, CHUNK_ELEMS // cols))
         xbuf = torch.empty((step, cols), dtype=cd, device=weight.device)
         hbuf = torch.empty_like(xbuf) if order not in (None, 1) else None
         for r0, r1 in _blocks(rows, cols):
             n = r1 - r0
             x = torch.mm(uc[r0:r1], pc, out=xbuf[:n])
-            e, c = expm1_series_(x, order, None if hbuf is None else hbuf[:n], scale)
             w = w2[r0:r1]
+            if exact:
+                torch.mul(w, torch.exp(x, out=x), out=out[r0:r1])
+                continue
+            e, c = expm1_series_(x, order, None if hbuf is None else hbuf[:n], scale)
             # W + W·expm1(s·x), computed in the promoted (fp32/fp64) dtype, cast on store.
             torch.addcmul(w, w, e, value=c, out=out[r0:r1])
         return out.view(weight.shape)
