@@ -19,8 +19,8 @@ def cuda_extension():
         os.environ.setdefault("CUDA_HOME", cb.cuda_home())
     ext = CUDAExtension(
         "lie_kernels._C", ["csrc/binding.cpp", "csrc/lie_kernels.cu"],
-        include_dirs=cb.include_dirs(),
-        extra_compile_args={"cxx": ["-O2", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]})
+        include_dirs=[str(cb.CSRC)],
+        extra_compile_args={"cxx": cb.host_flags(), "nvcc": ["-O3", "-std=c++17"]})
     return dict(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})
 
 

@@ -6,10 +6,12 @@
 //     when not asked for.
 // weight/grad may be any 2-D-viewable strided tensors; u and p any strides.
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "lie_launch.h"
+#include "lie_series.cuh"  // kMaxOrder (plain C++ outside nvcc)
 
 namespace {
 

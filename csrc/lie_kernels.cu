@@ -51,30 +51,32 @@ __device__ __forceinline__ void load_p_col(const LieProblem& pb, int64_t col,
     pc[k] = (k < pb.r && col < pb.M) ? at<T>(pb.p, k * pb.sp.r + col * pb.sp.c) : 0.0f;
 }
 
-// x[i] = (u @ p)[row0 + i, col] for the TR rows of the tile.
-__device__ __forceinline__ void delta_rows(const float (*us)[kMaxRank],
-                                           const float (&pc)[kMaxRank], float (&x)[TR]) {
+// x[i] = (u @ p)[row0 + i, col] for the TR rows of the tile. The rank loop is not
+// unrolled and p is read per k (coalesced, cached): fully unrolled, ptxas hoisted all
+// 16 x 32 shared-memory u values into registers and spilled.
+template <typename T>
+__device__ __forceinline__ void delta_rows(const LieProblem& pb, int64_t col,
+                                           const float (*us)[kMaxRank], float (&x)[TR]) {
 #pragma unroll
-  for (int i = 0; i < TR; ++i) {
-    float acc = 0.0f;
+  for (int i = 0; i < TR; ++i) x[i] = 0.0f;
+  const bool in = col < pb.M;
+#pragma unroll 2
+  for (int k = 0; k < pb.r; ++k) {
+    const float pk = in ? at<T>(pb.p, k * pb.sp.r + col * pb.sp.c) : 0.0f;
 #pragma unroll
-    for (int k = 0; k < kMaxRank; ++k) acc = fmaf(us[i][k], pc[k], acc);
-    x[i] = acc;
+    for (int i = 0; i < TR; ++i) x[i] = fmaf(us[i][k], pk, x[i]);
   }
 }
 
-// Min 4 blocks/SM caps registers at 128; the default heuristic chose 80 and spilled
-// 16 bytes on sm_80 for orders >= 6.
 template <typename T, int ORDER>
-__global__ void __launch_bounds__(TC, 4) fwd_kernel(LieProblem pb, T* __restrict__ out) {
+__global__ void __launch_bounds__(TC) fwd_kernel(LieProblem pb, T* __restrict__ out) {
   __shared__ float us[TR][kMaxRank];
   const int64_t col = int64_t(blockIdx.x) * TC + threadIdx.x;
   const int64_t row0 = int64_t(blockIdx.y) * TR;
-  float pc[kMaxRank], x[TR];
-  load_p_col<T>(pb, col, pc);
+  float x[TR];
   load_u_tile<T>(pb, row0, us);
   __syncthreads();
-  delta_rows(us, pc, x);
+  delta_rows<T>(pb, col, us, x);
   if (col >= pb.M) return;
 #pragma unroll
   for (int i = 0; i < TR; ++i) {
@@ -116,7 +118,7 @@ __global__ void __launch_bounds__(TC, 2) bwd_kernel(LieProblem pb, const T* __re
     __syncthreads();  // us and red are reused across tiles
     load_u_tile<T>(pb, row0, us);
     __syncthreads();
-    delta_rows(us, pc, x);
+    delta_rows<T>(pb, col, us, x);
 #pragma unroll
     for (int i = 0; i < TR; ++i) {
       const int64_t row = row0 + i;

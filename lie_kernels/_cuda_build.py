@@ -18,6 +18,7 @@ from typing import List, Optional
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 EXT_NAME = "lie_kernels_cuda_ext"
+KERNEL_SOURCES = ("lie_kernels.cu", "lie_series.cuh", "lie_launch.h")  # the nvcc object
 
 
 def build_dir() -> Path:
@@ -40,14 +41,16 @@ def cuda_home() -> Optional[str]:
     return str(real.parent.parent)
 
 
-def include_dirs() -> List[str]:
-    """csrc/ plus the pip CUDA headers (cusparse.h etc.) torch's headers may need."""
-    dirs = [str(CSRC)]
+def host_flags() -> List[str]:
+    """C++ flags for the torch binding. The pip CUDA headers (cusparse.h, which torch's
+    headers include) go after the toolkit's own (``-idirafter``): first, their partial
+    runtime headers would shadow the toolkit's and miss crt/host_defines.h."""
+    flags = ["-O2"]  # the C++ standard is torch's choice (its headers need C++20)
     for base in map(Path, sys.path):
         for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include"):
             if (base / sub).is_dir():
-                dirs.append(str(base / sub))
-    return dirs
+                flags.append(f"-idirafter{base / sub}")
+    return flags
 
 
 def arch_flags() -> List[str]:
@@ -95,22 +98,24 @@ def built_library() -> Optional[Path]:
 
 def build(verbose: bool = False) -> None:
     """Compile (once) and load the extension: its ops appear under torch.ops.lie_kernels_cuda."""
-    from torch.utils import cpp_extension
-
     home = cuda_home()
     if home:
         os.environ.setdefault("CUDA_HOME", home)
     # torch derives -gencode flags from the visible GPU, and there may be none
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    from torch.utils import cpp_extension
+
+    if home:  # it reads CUDA_HOME once, at import, and takes /usr/local for a wrapper nvcc
+        cpp_extension.CUDA_HOME = home
     out = build_dir()
-    src_time = max(p.stat().st_mtime for p in CSRC.iterdir())
+    src_time = max((CSRC / f).stat().st_mtime for f in KERNEL_SOURCES)
     obj = out / "lie_kernels.o"
     if not obj.exists() or obj.stat().st_mtime < src_time:
         obj = compile_kernels(out)
     cpp_extension.load(
-        name=EXT_NAME, sources=[str(CSRC / "binding.cpp")], extra_include_paths=include_dirs(),
+        name=EXT_NAME, sources=[str(CSRC / "binding.cpp")], extra_include_paths=[str(CSRC)],
         extra_ldflags=[str(obj), f"-L{Path(home) / 'lib64'}", "-lcudart"],
-        extra_cflags=["-O2", "-std=c++17"], with_cuda=True, build_directory=str(out),
+        extra_cflags=host_flags(), with_cuda=True, build_directory=str(out),
         is_python_module=False, verbose=verbose)  # ops only: torch.ops.lie_kernels_cuda
 
 
