@@ -20,7 +20,7 @@ if command -v nvcc > /dev/null; then
     > "$OUT/build.log" 2>&1 || echo "CUDA extension build failed (see build.log)" >> "$OUT/versions.txt"
 fi
 export LIE_KERNELS_BUILD_DIR=$PWD/build/cuda  # the extension built above
-timeout 200 $PY -m pytest tests -q -x -p no:cacheprovider > "$OUT/tests.log" 2>&1
+timeout 300 $PY -m pytest tests -q -x -p no:cacheprovider > "$OUT/tests.log" 2>&1
 echo "tests rc=$?" >> "$OUT/versions.txt"
 timeout 150 $PY -m lie_kernels.bench --shapes all --orders 1,2,4,exact --dtypes fp32,bf16 \
   --out "$OUT" > /dev/null 2>&1
