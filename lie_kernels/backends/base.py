@@ -78,3 +78,20 @@ def order_zero_backward(grad: Tensor, weight: Tensor, u: Tensor, p: Tensor, need
     dw = (torch.empty(weight.shape, dtype=weight.dtype, device=weight.device).copy_(grad)
           if need_dw else None)
     return dw, torch.zeros_like(u), torch.zeros_like(p)
+
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def kernel_limits(weight: Tensor, u: Tensor, order: Optional[int], max_order: int,
+                  max_rank: int) -> list:
+    """Reasons a compiled kernel (fp32/fp16/bf16, orders 0..max_order or exact,
+    rank <= max_rank) cannot take these inputs."""
+    reasons = []
+    if weight.dtype not in KERNEL_DTYPES:
+        reasons.append(f"dtype {weight.dtype} is not supported (fp32, fp16, bf16)")
+    if order is not None and order > max_order:
+        reasons.append(f"order {order} > {max_order} (orders 0..{max_order} or exact)")
+    if u.shape[1] > max_rank:
+        reasons.append(f"rank {u.shape[1]} > {max_rank}")
+    return reasons

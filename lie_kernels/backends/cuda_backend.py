@@ -15,11 +15,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .base import Backend, order_zero_backward
+from .base import Backend, kernel_limits, order_zero_backward
 
 MAX_RANK = 32  # csrc/lie_kernels.cu: kMaxRank
 MAX_ORDER = 8
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BUILD_HINT = ("build it with `LIE_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .` "
               "or `python -m lie_kernels._cuda_build` (needs nvcc and a CUDA build of torch)")
 
@@ -80,13 +79,7 @@ class CudaBackend(Backend):
         reasons = []
         if not weight.is_cuda:
             reasons.append(f"needs CUDA tensors, got {weight.device}")
-        if weight.dtype not in _DTYPES:
-            reasons.append(f"dtype {weight.dtype} is not supported (fp32, fp16, bf16)")
-        if order is not None and order > MAX_ORDER:
-            reasons.append(f"order {order} > {MAX_ORDER} (orders 0..{MAX_ORDER} or exact)")
-        if u.shape[1] > MAX_RANK:
-            reasons.append(f"rank {u.shape[1]} > {MAX_RANK}")
-        return reasons
+        return reasons + kernel_limits(weight, u, order, MAX_ORDER, MAX_RANK)
 
     def forward(self, weight, u, p, order, scale) -> Tensor:
         return load().forward(weight, u, p, _order(order), float(scale))

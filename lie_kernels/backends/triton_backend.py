@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .base import Backend, order_zero_backward, unfold
+from .base import Backend, kernel_limits, order_zero_backward, unfold
 
 try:
     import triton
@@ -26,7 +26,6 @@ except ImportError as exc:  # triton is optional
 
 MAX_RANK = 128  # the whole padded rank lives in one register tile
 MAX_ORDER = 8
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _interpreting() -> bool:
@@ -70,13 +69,7 @@ class TritonBackend(Backend):
             reasons.append("CPU tensors need TRITON_INTERPRET=1")
         elif weight.device.type not in ("cpu", "cuda"):
             reasons.append(f"device {weight.device.type} is not supported")
-        if weight.dtype not in _DTYPES:
-            reasons.append(f"dtype {weight.dtype} is not supported (fp32, fp16, bf16)")
-        if order is not None and order > MAX_ORDER:
-            reasons.append(f"order {order} > {MAX_ORDER} (orders 0..{MAX_ORDER} or exact)")
-        if u.shape[1] > MAX_RANK:
-            reasons.append(f"rank {u.shape[1]} > {MAX_RANK}")
-        return reasons
+        return reasons + kernel_limits(weight, u, order, MAX_ORDER, MAX_RANK)
 
     def forward(self, weight: Tensor, u: Tensor, p: Tensor,
                 order: Optional[int], scale: float) -> Tensor:
