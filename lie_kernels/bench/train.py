@@ -6,6 +6,8 @@ The paper measured the exact exp at +52% step time and +48% memory over order 1
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import torch
 from torch import nn
@@ -80,30 +82,59 @@ def configs(base: nn.Module):
         yield f"LieRA order={'exact' if order is None else order}", m
 
 
-def run(device: str, log=print, batch: int = None, size: int = 64):
-    batch = batch or (64 if device == "cuda" else 8)
+def _setup(device: str, batch: int, size: int):
     torch.manual_seed(0)
     base = ConvNeXtTiny().to(device)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 100, (batch,), device=device)
-    log(f"# training step: ConvNeXt-style net, batch {batch}, {size}x{size}, SGD, {device}")
+    return base, x, y
+
+
+def _stepper(model, x, y):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def _cpu_peak(index: int, batch: int, size: int) -> float:
+    """Peak RSS of one step in a fresh process (above its RSS once model and data exist):
+    in this process freed heap pages would hide the step's allocations."""
+    out = subprocess.run([sys.executable, "-m", "lie_kernels.bench.train", str(index),
+                          str(batch), str(size)], capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def run(device: str, log=print, batch: int = None, size: int = 64):
+    batch = batch or (64 if device == "cuda" else 8)
+    base, x, y = _setup(device, batch, size)
+    log(f"# training step: ConvNeXt-style net, batch {batch}, {size}x{size}, SGD, {device}"
+        + ("; CPU peak memory from a fresh process per config" if device == "cpu" else ""))
     log(f"{'config':<20}{'trainable':>11}{'step ms':>10}{'peak MiB':>10}"
         f"{'time/ord1':>10}{'mem/ord1':>10}")
     rows = []
-    for label, model in configs(base):
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+    for i, (label, model) in enumerate(configs(base)):
+        step = _stepper(model, x, y)
         ms = measure.median_ms(step, device, reps=5)
-        peak = measure.peak_mib(step, device)
+        peak = (measure.peak_mib(step, device) if device == "cuda"
+                else _cpu_peak(i, batch, size))
         rows.append(dict(config=label, trainable=lk.trainable_parameters(model)[0], ms=ms,
                          peak=peak))
     ref = next(r for r in rows if r["config"] == "LieRA order=1")
     for r in rows:
-        log(f"{r['config']:<20}{r['trainable']:>11}{r['ms']:>10.2f}{r['peak'] or 0:>10.1f}"
-            f"{r['ms'] / ref['ms']:>10.2f}"
-            f"{(r['peak'] / ref['peak']) if r['peak'] and ref['peak'] else float('nan'):>10.2f}")
+        log(f"{r['config']:<20}{r['trainable']:>11}{r['ms']:>10.2f}{r['peak']:>10.1f}"
+            f"{r['ms'] / ref['ms']:>10.2f}{r['peak'] / ref['peak']:>10.2f}")
     return rows
+
+
+if __name__ == "__main__":
+    idx, bsz, sz = map(int, sys.argv[1:4])
+    model_base, xs, ys = _setup("cpu", bsz, sz)
+    model = list(configs(model_base))[idx][1]
+    one_step = _stepper(model, xs, ys)
+    start = measure._status_mib("VmRSS")
+    one_step()
+    print(measure._status_mib("VmHWM") - start)
