@@ -10,13 +10,17 @@ from setuptools import setup
 
 
 def cuda_extension():
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-
     from lie_kernels import _cuda_build as cb
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    if cb.cuda_home():
-        os.environ.setdefault("CUDA_HOME", cb.cuda_home())
+    home = cb.cuda_home()
+    if home:  # before torch reads it: for a wrapper nvcc, torch would guess /usr/local
+        os.environ.setdefault("CUDA_HOME", home)
+    from torch.utils import cpp_extension
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    if home:
+        cpp_extension.CUDA_HOME = home
     ext = CUDAExtension(
         "lie_kernels._C", ["csrc/binding.cpp", "csrc/lie_kernels.cu"],
         include_dirs=[str(cb.CSRC)],
