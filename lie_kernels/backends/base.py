@@ -12,11 +12,20 @@ and its backward, with ``g = dL/dW'``::
     du  = scale * t @ pᵀ,   dp = scale * uᵀ @ t
     dW  = g ⊙ exp_K(x)
 
-``u`` is ``(C_out, r)`` and ``p`` is ``(r, M)``; both have W's dtype and device
-(checked before a backend is called). ``order`` is an int >= 0 or None.
-Outputs: ``forward`` returns a contiguous tensor of W's shape and dtype;
-``backward`` returns ``(dw, du, dp)`` in W's dtype (``dw`` is None unless asked
-for). Nothing the size of W may be kept between the two calls.
+``u`` is ``(C_out, r)`` and ``p`` is ``(r, M)``, on W's device (checked before a
+backend is called). Each of them has W's dtype or, for a 16-bit W, fp32 (PEFT's
+default autocast keeps adapter factors in fp32; the math is fp32 inside anyway).
+``order`` is an int >= 0 or None. W may be any strided view (channels_last
+included); its offsets may pass 2**31 elements: a backend either indexes it
+safely or refuses it in ``not_supported_reasons``.
+
+Outputs: ``forward`` returns a tensor of W's shape and dtype, laid out in W's
+memory order when W is a dense permutation (e.g. channels_last), else
+contiguous; ``backward`` returns ``(dw, du, dp)`` with ``dw`` in W's dtype and
+layout (None unless asked for) and ``du``/``dp`` in ``u``'s/``p``'s dtypes.
+Nothing the size of W may be kept between the two calls. ``linear_backward``
+is the seam for a Linear layer whose ``dL/dW'`` is ``grad_yᵀ @ x``: a backend
+may fuse that product with its backward so ``dL/dW'`` is never written.
 """
 from __future__ import annotations
 
@@ -55,6 +64,14 @@ class Backend:
                  order: Optional[int], scale: float, need_dw: bool
                  ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
         raise NotImplementedError
+
+    def linear_backward(self, grad_y: Tensor, x: Tensor, weight: Tensor, u: Tensor,
+                        p: Tensor, order: Optional[int], scale: float, need_dw: bool
+                        ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+        """``backward`` with ``g = grad_yᵀ @ x`` for a Linear layer: ``grad_y`` is
+        ``(N, C_out)`` and ``x`` is ``(N, C_in)``. This default forms ``g``; a backend
+        with a kernel that consumes ``grad_y`` and ``x`` directly overrides it."""
+        return self.backward(grad_y.t().mm(x), weight, u, p, order, scale, need_dw)
 
     def forward_many(self, weights: Sequence[Tensor], us: Sequence[Tensor],
                      ps: Sequence[Tensor], order: Optional[int], scales: Sequence[float]
