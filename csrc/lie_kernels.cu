@@ -1,12 +1,32 @@
 // Fused LieRA kernels: W' = W + W * expm1_K(s * u@p) in one pass, and its backward.
 // Torch-free: raw pointers, sizes, strides and a stream (see lie_launch.h).
 //
-// Tiling: a block owns TC = 128 columns (one per thread, coalesced along the
-// contiguous dim) and TR = 16 rows at a time. The u rows of a tile sit in shared
-// memory; each thread forms its 16 Delta values with rank-many FMAs, so Delta
-// only ever exists in registers. Ranks up to kMaxRank (= 32) are supported.
+// Occupancy: the forward is capped at 80 registers (3 blocks, 24 warps, 24 KB of loads in
+// flight per SM), the backward at 128 (2 blocks); neither spills.
+//
+// Tiling (both kernels): a block of 256 threads = 16 column threads x 16 row threads.
+// A column thread owns V = 16 bytes of a row (8 fp16/bf16 or 4 fp32 values, one
+// 128-bit load when the row is contiguous and aligned), a row thread 2 rows, so a tile is
+// 32 rows x TC = 16 V columns. The tile's p columns (fp32, all ranks) are staged in shared
+// memory once per column tile, u rows once per row tile; the rank loop runs to the real r.
+// Delta only ever exists in registers.
+//
+// Backward: one block owns a rectangle of column tiles x rows (fixed split counts, see
+// backward_splits). Per tile, t = g * W * exp_{K-1} goes to shared memory; then each
+// thread accumulates dp for (its ranks x its V columns) in registers over all the block's
+// rows, and du for (one row x 4 ranks) over the tile's columns, added in a fixed order to
+// the block's own du partial. A final small kernel sums the partials in a fixed order and
+// casts them to the factors' dtypes. No atomics: bitwise reproducible on any GPU.
+//
+// FMA units, not tensor cores: the backward contracts the rank three times (Delta, du,
+// dp), 3r FMAs per weight element, compute-bound above r ~ 10 in 16-bit on an H200. These
+// kernels are the reference implementation; Triton runs the contractions on tensor cores
+// (docs/cuda.md has the roofline argument).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <initializer_list>
+#include <utility>
 
 #include "lie_launch.h"
 #include "lie_series.cuh"
@@ -14,9 +34,20 @@
 namespace lie {
 namespace {
 
-constexpr int TC = 128;
-constexpr int TR = 16;
-constexpr int kMaxRank = 32;
+constexpr int kThreads = 256;
+constexpr int kColThreads = 16;
+constexpr int kRowThreads = kThreads / kColThreads;
+constexpr int kRowsPerThread = 2;
+constexpr int kTileRows = kRowThreads * kRowsPerThread;  // 32
+constexpr int kUStride = kMaxRank + 1;                   // odd: rows fall in different banks
+constexpr int kFwdTilesPerBlock = 16;                    // forward: 512 rows reuse one p tile
+constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kMaxSplits = 64;
+
+template <typename T> constexpr int kVec = 16 / sizeof(T);
+template <typename T> constexpr int kTileCols = kColThreads * kVec<T>;
+// t tile row stride: +4 floats keeps a quarter warp's 128-bit row loads conflict-free
+template <typename T> constexpr int kTStride = kTileCols<T> + 4;
 
 template <typename T> __device__ __forceinline__ float to_f(T v);
 template <> __device__ __forceinline__ float to_f(float v) { return v; }
@@ -25,160 +56,313 @@ template <> __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bf
 template <typename T> __device__ __forceinline__ T from_f(float v);
 template <> __device__ __forceinline__ float from_f(float v) { return v; }
 template <> __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-
-template <typename T>
-__device__ __forceinline__ float at(const void* base, int64_t i) {
-  return to_f(static_cast<const T*>(base)[i]);
+template <> __device__ __forceinline__ __nv_bfloat16 from_f(float v) {
+  return __float2bfloat16_rn(v);
 }
 
-// u rows [row0, row0+TR) x all ranks into shared memory (zeros outside).
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// f[j] = src[row_off + (col + j) * cs], 0 past M. On the vector path (unit column stride,
+// 16-byte aligned rows, M % V == 0) the V values are one 128-bit load, all in or all out.
 template <typename T>
-__device__ void load_u_tile(const LieProblem& pb, int64_t row0, float (*us)[kMaxRank]) {
-  for (int i = threadIdx.x; i < TR * kMaxRank; i += TC) {
-    const int rr = i / kMaxRank, k = i % kMaxRank;
-    const int64_t row = row0 + rr;
-    us[rr][k] = (row < pb.R && k < pb.r) ? at<T>(pb.u, row * pb.su.r + k * pb.su.c) : 0.0f;
+__device__ __forceinline__ void load_row(const T* __restrict__ src, int64_t row_off, int64_t cs,
+                                         int64_t col, int64_t M, bool vec,
+                                         float (&f)[kVec<T>]) {
+  constexpr int V = kVec<T>;
+  if (vec) {
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    if (col < M) raw = __ldg(reinterpret_cast<const uint4*>(src + row_off + col));
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < V; ++j) f[j] = to_f(e[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) f[j] = col + j < M ? to_f(src[row_off + (col + j) * cs]) : 0.0f;
   }
 }
 
-// p column `col` (all ranks) into registers.
-template <typename T>
-__device__ __forceinline__ void load_p_col(const LieProblem& pb, int64_t col,
-                                           float (&pc)[kMaxRank]) {
-#pragma unroll
-  for (int k = 0; k < kMaxRank; ++k)
-    pc[k] = (k < pb.r && col < pb.M) ? at<T>(pb.p, k * pb.sp.r + col * pb.sp.c) : 0.0f;
+// The storage bits of from_f<T>(v), zero-extended to 32 bits.
+template <typename T> __device__ __forceinline__ uint32_t bits(float v);
+template <> __device__ __forceinline__ uint32_t bits<float>(float v) { return __float_as_uint(v); }
+template <> __device__ __forceinline__ uint32_t bits<__half>(float v) {
+  return __half_as_ushort(__float2half_rn(v));
+}
+template <> __device__ __forceinline__ uint32_t bits<__nv_bfloat16>(float v) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
 }
 
-// x[i] = (u @ p)[row0 + i, col] for the TR rows of the tile. The rank loop is not
-// unrolled and p is read per k (coalesced, cached): fully unrolled, ptxas hoisted all
-// 16 x 32 shared-memory u values into registers and spilled.
+// dst[row_off + col + j] = f[j] for the columns below M (dst rows are contiguous). The
+// vector path packs 32-bit words and stores them with one st.global.v4: a plain uint4
+// assignment here was split into four 32-bit stores, __stwb gave a strong store.
 template <typename T>
-__device__ __forceinline__ void delta_rows(const LieProblem& pb, int64_t col,
-                                           const float (*us)[kMaxRank], float (&x)[TR]) {
+__device__ __forceinline__ void store_row(T* __restrict__ dst, int64_t row_off, int64_t col,
+                                          int64_t M, bool vec, const float (&f)[kVec<T>]) {
+  constexpr int V = kVec<T>, kPerWord = V / 4;
+  if (vec) {
+    if (col >= M) return;
+    uint32_t word[4];
 #pragma unroll
-  for (int i = 0; i < TR; ++i) x[i] = 0.0f;
-  const bool in = col < pb.M;
+    for (int q = 0; q < 4; ++q)
+      word[q] = kPerWord == 1 ? bits<T>(f[q]) : bits<T>(f[2 * q]) | bits<T>(f[2 * q + 1]) << 16;
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst + row_off + col),
+                 "r"(word[0]), "r"(word[1]), "r"(word[2]), "r"(word[3]) : "memory");
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      if (col + j < M) dst[row_off + col + j] = from_f<T>(f[j]);
+  }
+}
+
+// p_s[k][c] = p[k, col0 + c] for k < r (zeros past M): coalesced along the row.
+template <int TC>
+__device__ __forceinline__ void stage_p(const LieProblem& pb, int64_t col0, float* p_s) {
+  for (int i = threadIdx.x; i < pb.r * TC; i += kThreads) {
+    const int k = i / TC, c = i % TC;
+    p_s[i] = col0 + c < pb.M ? pb.p[k * pb.M + col0 + c] : 0.0f;
+  }
+}
+
+// u_s[i][k] = u[row0 + i, k] for rows below row_end (zeros elsewhere).
+__device__ __forceinline__ void stage_u(const LieProblem& pb, int64_t row0, int64_t row_end,
+                                        float* u_s) {
+  for (int i = threadIdx.x; i < kTileRows * pb.r; i += kThreads) {
+    const int rr = i / pb.r, k = i % pb.r;
+    u_s[rr * kUStride + k] = row0 + rr < row_end ? pb.u[(row0 + rr) * pb.r + k] : 0.0f;
+  }
+}
+
+// x[i][j] = (u @ p)[tile row rl + i, tile column cl + j], rank loop bounded by r.
+template <int V, int TC>
+__device__ __forceinline__ void delta(const float* u_s, const float* p_s, int r, int rl, int cl,
+                                      float (&x)[kRowsPerThread][V]) {
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+    for (int j = 0; j < V; ++j) x[i][j] = 0.0f;
 #pragma unroll 2
-  for (int k = 0; k < pb.r; ++k) {
-    const float pk = in ? at<T>(pb.p, k * pb.sp.r + col * pb.sp.c) : 0.0f;
+  for (int k = 0; k < r; ++k) {
+    float pv[V];
 #pragma unroll
-    for (int i = 0; i < TR; ++i) x[i] = fmaf(us[i][k], pk, x[i]);
+    for (int q = 0; q < V; q += 4)
+      *reinterpret_cast<float4*>(pv + q) = *reinterpret_cast<const float4*>(p_s + k * TC + cl + q);
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const float uv = u_s[(rl + i) * kUStride + k];
+#pragma unroll
+      for (int j = 0; j < V; ++j) x[i][j] = fmaf(uv, pv[j], x[i][j]);
+    }
   }
 }
 
 template <typename T, int ORDER>
-__global__ void __launch_bounds__(TC) fwd_kernel(LieProblem pb, T* __restrict__ out) {
-  __shared__ float us[TR][kMaxRank];
-  const int64_t col = int64_t(blockIdx.x) * TC + threadIdx.x;
-  const int64_t row0 = int64_t(blockIdx.y) * TR;
-  float x[TR];
-  load_u_tile<T>(pb, row0, us);
-  __syncthreads();
-  delta_rows<T>(pb, col, us, x);
-  if (col >= pb.M) return;
+__global__ void __launch_bounds__(kThreads, 3) fwd_kernel(LieProblem pb, T* __restrict__ out,
+                                                       int64_t rows_per_block, bool vec) {
+  constexpr int V = kVec<T>, TC = kTileCols<T>;
+  __shared__ __align__(16) float p_s[kMaxRank * TC];
+  __shared__ float u_s[kTileRows * kUStride];
+  const int rl = threadIdx.x / kColThreads * kRowsPerThread, cl = threadIdx.x % kColThreads * V;
+  const int64_t col0 = int64_t(blockIdx.x) * TC, col = col0 + cl;
+  const int64_t row_begin = int64_t(blockIdx.y) * rows_per_block;
+  const int64_t row_end = min64(pb.R, row_begin + rows_per_block);
+  const T* w = static_cast<const T*>(pb.w);
+  stage_p<TC>(pb, col0, p_s);
+  for (int64_t row0 = row_begin; row0 < row_end; row0 += kTileRows) {
+    float wv[kRowsPerThread][V], x[kRowsPerThread][V];
 #pragma unroll
-  for (int i = 0; i < TR; ++i) {
-    const int64_t row = row0 + i;
-    if (row < pb.R) {
-      const float w = at<T>(pb.w, row * pb.sw.r + col * pb.sw.c);
-      out[row * pb.M + col] = from_f<T>(w + w * expm1_series<ORDER>(pb.scale * x[i]));
+    for (int i = 0; i < kRowsPerThread; ++i) {  // loads in flight while Delta is formed
+      const int64_t row = row0 + rl + i;
+      if (row < row_end) load_row<T>(w, row * pb.sw.r, pb.sw.c, col, pb.M, vec, wv[i]);
+    }
+    __syncthreads();  // p_s staged; u_s free
+    stage_u(pb, row0, row_end, u_s);
+    __syncthreads();
+    delta<V, TC>(u_s, p_s, int(pb.r), rl, cl, x);
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int64_t row = row0 + rl + i;
+      if (row >= row_end) continue;
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        wv[i][j] = lie_apply(wv[i][j], expm1_series<ORDER>(pb.scale * x[i][j]));
+      store_row<T>(out, row * pb.M, col, pb.M, vec, wv[i]);
     }
   }
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  return v;
+struct BwdGrid {
+  int64_t col_splits, row_splits;
+  int64_t tiles_per_split;  // column tiles per block
+  int64_t rows_per_split;   // rows per block, a multiple of kTileRows
+};
+
+int elem_bytes(DType d) { return d == DType::kF32 ? 4 : 2; }
+int tile_cols(DType d) { return kColThreads * 16 / elem_bytes(d); }
+
+// Splits sized so that each partial set is at most W/16: col_splits * R * r * 4 <=
+// R * M * elt / 16, likewise rows. Shape-only, so every GPU reduces in the same order.
+BwdGrid bwd_grid(int64_t R, int64_t M, int64_t r, DType dtype) {
+  const int64_t elt = elem_bytes(dtype);
+  const int64_t col_tiles = ceil_div(M, tile_cols(dtype)), row_tiles = ceil_div(R, kTileRows);
+  auto clamp = [](int64_t v, int64_t hi) { return v < 1 ? 1 : v > hi ? hi : v; };
+  const int64_t sc = clamp(M * elt / (64 * r), col_tiles < kMaxSplits ? col_tiles : kMaxSplits);
+  const int64_t sr = clamp(R * elt / (64 * r), row_tiles < kMaxSplits ? row_tiles : kMaxSplits);
+  const int64_t tiles = ceil_div(col_tiles, sc), row_tiles_per = ceil_div(row_tiles, sr);
+  return {ceil_div(col_tiles, tiles), ceil_div(row_tiles, row_tiles_per), tiles,
+          row_tiles_per * kTileRows};
 }
 
-// One block: TC columns x `tiles` row tiles. dp for its columns accumulates in
-// registers over all its rows (stored once into dp_part[blockIdx.y]); du for each
-// row tile is reduced over the block's columns (warp shuffles, then the 4 warps in
-// shared memory) into du_part[blockIdx.x]. No atomics: fixed-order sums later.
-// Min 2 blocks/SM lets ptxas use up to 255 registers: with the default cap of 128
-// the order-1 instance spilled 20 bytes (dp and p columns are 64 registers).
 template <typename T, int ORDER>
-__global__ void __launch_bounds__(TC, 2) bwd_kernel(LieProblem pb, const T* __restrict__ g,
-                                                 Strides2 sg, T* __restrict__ dw, int tiles,
-                                                 float* __restrict__ du_part,
-                                                 float* __restrict__ dp_part) {
-  __shared__ float us[TR][kMaxRank];
-  __shared__ float red[TC / 32][TR][kMaxRank];
-  const int64_t col = int64_t(blockIdx.x) * TC + threadIdx.x;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  float pc[kMaxRank], dp[kMaxRank] = {};
-  load_p_col<T>(pb, col, pc);
-  for (int tile = 0; tile < tiles; ++tile) {
-    const int64_t row0 = (int64_t(blockIdx.y) * tiles + tile) * TR;
-    if (row0 >= pb.R) break;
-    float x[TR], t[TR];
-    __syncthreads();  // us and red are reused across tiles
-    load_u_tile<T>(pb, row0, us);
-    __syncthreads();
-    delta_rows<T>(pb, col, us, x);
+__global__ void __launch_bounds__(kThreads, 2) bwd_kernel(LieProblem pb, const T* __restrict__ g,
+                                                        Strides2 sg, T* __restrict__ dw,
+                                                        BwdGrid gr, bool vec,
+                                                        float* __restrict__ du_part,
+                                                        float* __restrict__ dp_part) {
+  constexpr int V = kVec<T>, TC = kTileCols<T>, TS = kTStride<T>;
+  constexpr int kDpSlots = kMaxRank / kRowThreads;  // ranks rg, rg + 16, ... per thread
+  constexpr int kDuSlots = kMaxRank / (kThreads / kTileRows);  // ranks warp, warp + 8, ...
+  __shared__ __align__(16) float p_s[kMaxRank * TC];
+  __shared__ __align__(16) float t_s[kTileRows * TS];
+  __shared__ float u_s[kTileRows * kUStride];
+  const int rg = threadIdx.x / kColThreads, rl = rg * kRowsPerThread;
+  const int cl = threadIdx.x % kColThreads * V;
+  const int du_row = threadIdx.x % kTileRows, du_k0 = threadIdx.x / kTileRows;
+  const int r = int(pb.r);
+  const T* w = static_cast<const T*>(pb.w);
+  const int64_t row_begin = int64_t(blockIdx.y) * gr.rows_per_split;
+  const int64_t row_end = min64(pb.R, row_begin + gr.rows_per_split);
+  const int64_t ct_begin = int64_t(blockIdx.x) * gr.tiles_per_split;
+  const int64_t ct_end = min64(ceil_div(pb.M, TC), ct_begin + gr.tiles_per_split);
+  float* du_mine = du_part + int64_t(blockIdx.x) * pb.R * pb.r;
+  float* dp_mine = dp_part + int64_t(blockIdx.y) * pb.r * pb.M;
+  for (int64_t ct = ct_begin; ct < ct_end; ++ct) {
+    const int64_t col0 = ct * TC, col = col0 + cl;
+    float dp[kDpSlots][V] = {};
+    __syncthreads();  // p_s free
+    stage_p<TC>(pb, col0, p_s);
+    for (int64_t row0 = row_begin; row0 < row_end; row0 += kTileRows) {
+      float gv[kRowsPerThread][V], t[kRowsPerThread][V], x[kRowsPerThread][V];
 #pragma unroll
-    for (int i = 0; i < TR; ++i) {
-      const int64_t row = row0 + i;
-      t[i] = 0.0f;
-      if (row < pb.R && col < pb.M) {
-        const float y = pb.scale * x[i];
-        const float gv = to_f(g[row * sg.r + col * sg.c]);
-        const float wv = at<T>(pb.w, row * pb.sw.r + col * pb.sw.c);
-        t[i] = gv * wv * dexp_series<ORDER>(y);
-        if (dw) dw[row * pb.M + col] = from_f<T>(gv * exp_series<ORDER>(y));
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        const int64_t row = row0 + rl + i;
+#pragma unroll
+        for (int j = 0; j < V; ++j) gv[i][j] = t[i][j] = 0.0f;
+        if (row < row_end) {
+          load_row<T>(g, row * sg.r, sg.c, col, pb.M, vec, gv[i]);
+          load_row<T>(w, row * pb.sw.r, pb.sw.c, col, pb.M, vec, t[i]);
+        }
+      }
+      __syncthreads();  // u_s and t_s free, p_s staged
+      stage_u(pb, row0, row_end, u_s);
+      __syncthreads();
+      delta<V, TC>(u_s, p_s, r, rl, cl, x);
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        const int64_t row = row0 + rl + i;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float y = pb.scale * x[i][j];
+          t[i][j] *= gv[i][j] * dexp_series<ORDER>(y);
+          gv[i][j] *= exp_series<ORDER>(y);
+        }
+        if (dw && row < row_end) store_row<T>(dw, row * pb.M, col, pb.M, vec, gv[i]);
+#pragma unroll
+        for (int q = 0; q < V; q += 4)
+          *reinterpret_cast<float4*>(t_s + (rl + i) * TS + cl + q) =
+              make_float4(t[i][q], t[i][q + 1], t[i][q + 2], t[i][q + 3]);
+      }
+      __syncthreads();
+      // dp[k][cl + j] += sum_i u[i][k] t[i][cl + j] over the tile's rows
+#pragma unroll 4
+      for (int i = 0; i < kTileRows; ++i) {
+        float tv[V];
+#pragma unroll
+        for (int q = 0; q < V; q += 4)
+          *reinterpret_cast<float4*>(tv + q) =
+              *reinterpret_cast<const float4*>(t_s + i * TS + cl + q);
+#pragma unroll
+        for (int m = 0; m < kDpSlots; ++m) {
+          const int k = rg + m * kRowThreads;
+          if (k < r) {
+            const float uv = u_s[i * kUStride + k];
+#pragma unroll
+            for (int j = 0; j < V; ++j) dp[m][j] = fmaf(uv, tv[j], dp[m][j]);
+          }
+        }
+      }
+      // du[row][k] over the tile's columns, added to this block's partial in tile order
+      float du[kDuSlots] = {};
+#pragma unroll 2
+      for (int c = 0; c < TC; c += 4) {
+        const float4 tv = *reinterpret_cast<const float4*>(t_s + du_row * TS + c);
+#pragma unroll
+        for (int m = 0; m < kDuSlots; ++m) {
+          const int k = du_k0 + m * (kThreads / kTileRows);
+          if (k < r) {
+            const float4 pv = *reinterpret_cast<const float4*>(p_s + k * TC + c);
+            du[m] = fmaf(tv.x, pv.x, fmaf(tv.y, pv.y, fmaf(tv.z, pv.z, fmaf(tv.w, pv.w, du[m]))));
+          }
+        }
+      }
+      const int64_t row = row0 + du_row;
+      if (row < row_end) {
+#pragma unroll
+        for (int m = 0; m < kDuSlots; ++m) {
+          const int k = du_k0 + m * (kThreads / kTileRows);
+          if (k < r) {
+            float* dst = du_mine + row * pb.r + k;
+            *dst = pb.scale * du[m] + (ct == ct_begin ? 0.0f : *dst);
+          }
+        }
       }
     }
+#pragma unroll  // constant indices keep dp in registers
+    for (int m = 0; m < kDpSlots; ++m) {
+      const int k = rg + m * kRowThreads;
+      if (k >= r) continue;
 #pragma unroll
-    for (int k = 0; k < kMaxRank; ++k) {
-#pragma unroll
-      for (int i = 0; i < TR; ++i) {
-        dp[k] = fmaf(us[i][k], t[i], dp[k]);
-        const float s = warp_sum(t[i] * pc[k]);
-        if (lane == 0) red[warp][i][k] = s;
-      }
-    }
-    __syncthreads();
-    for (int j = threadIdx.x; j < TR * kMaxRank; j += TC) {
-      const int i = j / kMaxRank, k = j % kMaxRank;
-      const int64_t row = row0 + i;
-      if (row < pb.R && k < pb.r) {
-        float s = 0.0f;
-#pragma unroll
-        for (int w = 0; w < TC / 32; ++w) s += red[w][i][k];
-        du_part[(int64_t(blockIdx.x) * pb.R + row) * pb.r + k] = s * pb.scale;
-      }
+      for (int j = 0; j < V; ++j)
+        if (col + j < pb.M) dp_mine[k * pb.M + col + j] = pb.scale * dp[m][j];
     }
   }
-  if (col >= pb.M) return;
-#pragma unroll  // constant indices keep dp in registers (a runtime bound would spill it)
-  for (int k = 0; k < kMaxRank; ++k)
-    if (k < pb.r) dp_part[(int64_t(blockIdx.y) * pb.r + k) * pb.M + col] = dp[k] * pb.scale;
 }
 
-// out[i] = sum_j part[j * n + i], j in order: the deterministic reduction of partials.
+__device__ __forceinline__ float sum_parts(const float* part, int64_t parts, int64_t n,
+                                           int64_t i) {
+  float s = 0.0f;
+  for (int64_t j = 0; j < parts; ++j) s += part[j * n + i];
+  return s;
+}
+
 template <typename T>
-__global__ void sum_parts_kernel(const float* __restrict__ part, int64_t parts, int64_t n,
-                                 T* __restrict__ out) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+__device__ __forceinline__ void put(GradOut o, int64_t i, float v) {
+  if (o.f32) static_cast<float*>(o.ptr)[i] = v;
+  else static_cast<T*>(o.ptr)[i] = from_f<T>(v);
+}
+
+// du and dp: the partials summed in split order and cast, in one launch.
+template <typename T>
+__global__ void finish_kernel(const float* __restrict__ du_part, int64_t du_parts, int64_t du_n,
+                              GradOut du, const float* __restrict__ dp_part, int64_t dp_parts,
+                              int64_t dp_n, GradOut dp) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < du_n + dp_n;
        i += int64_t(gridDim.x) * blockDim.x) {
-    float s = 0.0f;
-    for (int64_t j = 0; j < parts; ++j) s += part[j * n + i];
-    out[i] = from_f<T>(s);
+    if (i < du_n) put<T>(du, i, sum_parts(du_part, du_parts, du_n, i));
+    else put<T>(dp, i - du_n, sum_parts(dp_part, dp_parts, dp_n, i - du_n));
   }
 }
 
-struct BwdGrid { int64_t col_blocks, row_blocks; int tiles; };
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-BwdGrid bwd_grid(const LieProblem& pb) {
-  const int64_t col_blocks = (pb.M + TC - 1) / TC, row_tiles = (pb.R + TR - 1) / TR;
-  // about 1024 blocks in flight; each block walks `tiles` row tiles
-  int64_t row_blocks = (1024 + col_blocks - 1) / col_blocks;
-  row_blocks = row_blocks < row_tiles ? row_blocks : row_tiles;
-  const int tiles = int((row_tiles + row_blocks - 1) / row_blocks);
-  return {col_blocks, (row_tiles + tiles - 1) / tiles, tiles};
+// The 128-bit path: every operand row contiguous and 16-byte aligned.
+bool vector_path(const LieProblem& pb,
+                 std::initializer_list<std::pair<const void*, Strides2>> ops) {
+  const int64_t v = 16 / elem_bytes(pb.dtype);
+  for (const auto& [ptr, s] : ops)
+    if (ptr && (s.c != 1 || s.r % v != 0 || !aligned16(ptr))) return false;
+  return pb.M % v == 0;
 }
 
 template <typename F>
@@ -195,33 +379,43 @@ bool dispatch(const LieProblem& pb, F&& f) {
 
 }  // namespace
 
+BackwardSplits backward_splits(int64_t R, int64_t M, int64_t r, DType dtype) {
+  const BwdGrid gr = bwd_grid(R, M, r, dtype);
+  return {gr.col_splits, gr.row_splits};
+}
+
 int64_t backward_workspace(const LieProblem& pb) {
-  const BwdGrid gr = bwd_grid(pb);
-  return gr.col_blocks * pb.R * pb.r + gr.row_blocks * pb.r * pb.M;
+  const BwdGrid gr = bwd_grid(pb.R, pb.M, pb.r, pb.dtype);
+  return pb.r * (gr.col_splits * pb.R + gr.row_splits * pb.M);
 }
 
 bool launch_forward(const LieProblem& pb, void* out, cudaStream_t stream) {
-  const dim3 grid((pb.M + TC - 1) / TC, (pb.R + TR - 1) / TR);
+  const int64_t row_tiles = ceil_div(pb.R, kTileRows);
+  int64_t tiles = ceil_div(row_tiles, kMaxGridY);  // grid y stays below its limit
+  tiles = tiles > kFwdTilesPerBlock ? tiles : kFwdTilesPerBlock;
+  const dim3 grid(ceil_div(pb.M, tile_cols(pb.dtype)), ceil_div(row_tiles, tiles));
+  const bool vec = vector_path(pb, {{pb.w, pb.sw}, {out, {pb.M, 1}}});
   return dispatch(pb, [&](auto t, auto order) {
     using T = decltype(t);
-    fwd_kernel<T, decltype(order)::value><<<grid, TC, 0, stream>>>(pb, static_cast<T*>(out));
+    fwd_kernel<T, decltype(order)::value>
+        <<<grid, kThreads, 0, stream>>>(pb, static_cast<T*>(out), tiles * kTileRows, vec);
   });
 }
 
-bool launch_backward(const LieProblem& pb, const void* g, Strides2 sg, void* du, void* dp,
+bool launch_backward(const LieProblem& pb, const void* g, Strides2 sg, GradOut du, GradOut dp,
                      void* dw, float* ws, cudaStream_t stream) {
-  const BwdGrid gr = bwd_grid(pb);
+  const BwdGrid gr = bwd_grid(pb.R, pb.M, pb.r, pb.dtype);
   float* du_part = ws;
-  float* dp_part = ws + gr.col_blocks * pb.R * pb.r;
+  float* dp_part = ws + gr.col_splits * pb.R * pb.r;
+  const bool vec = vector_path(pb, {{pb.w, pb.sw}, {g, sg}, {dw, {pb.M, 1}}});
   return dispatch(pb, [&](auto t, auto order) {
     using T = decltype(t);
     bwd_kernel<T, decltype(order)::value>
-        <<<dim3(gr.col_blocks, gr.row_blocks), TC, 0, stream>>>(
-            pb, static_cast<const T*>(g), sg, static_cast<T*>(dw), gr.tiles, du_part, dp_part);
-    sum_parts_kernel<T><<<256, 256, 0, stream>>>(du_part, gr.col_blocks, pb.R * pb.r,
-                                                 static_cast<T*>(du));
-    sum_parts_kernel<T><<<256, 256, 0, stream>>>(dp_part, gr.row_blocks, pb.r * pb.M,
-                                                 static_cast<T*>(dp));
+        <<<dim3(gr.col_splits, gr.row_splits), kThreads, 0, stream>>>(
+            pb, static_cast<const T*>(g), sg, static_cast<T*>(dw), gr, vec, du_part, dp_part);
+    const int64_t n = pb.r * (pb.R + pb.M);
+    finish_kernel<T><<<int(ceil_div(n, 256) < 1024 ? ceil_div(n, 256) : 1024), 256, 0, stream>>>(
+        du_part, gr.col_splits, pb.R * pb.r, du, dp_part, gr.row_splits, pb.r * pb.M, dp);
   });
 }
 

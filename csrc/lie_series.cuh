@@ -52,6 +52,10 @@ LIE_HD float dexp_series(float y) {
   else return exp_series<ORDER - 1>(y);
 }
 
+// W' = W + W * e with e = expm1_K(y), and exactly W where e == 0: an infinite W stays
+// itself at Delta = 0 (inf + inf * 0 would be NaN), at every order.
+LIE_HD float lie_apply(float w, float e) { return e == 0.0f ? w : fmaf(w, e, w); }
+
 // Calls f(std::integral_constant<int, K>) for the runtime order (kExact, 0..kMaxOrder).
 template <typename F>
 inline bool dispatch_order(int order, F&& f) {

@@ -53,23 +53,32 @@ def host_flags() -> List[str]:
     return flags
 
 
-def arch_flags() -> List[str]:
+def arch_list() -> List[int]:
+    """Compute capabilities to build, from TORCH_CUDA_ARCH_LIST (default 8.0;9.0)."""
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0").replace(" ", ";").split(";")
+    return [int(a.replace(".", "").replace("+PTX", "")) for a in archs if a]
+
+
+def arch_flags(archs: Optional[List[int]] = None) -> List[str]:
     flags = []
-    for a in filter(None, archs):
-        n = a.replace(".", "").replace("+PTX", "")
+    for n in archs or arch_list():
         flags += ["-gencode", f"arch=compute_{n},code=sm_{n}"]
     return flags
 
 
-def compile_kernels(out_dir: Path) -> Path:
+def sources_mtime() -> float:
+    """Newest modification time of the nvcc object's sources."""
+    return max((CSRC / f).stat().st_mtime for f in KERNEL_SOURCES)
+
+
+def compile_kernels(out_dir: Path, archs: Optional[List[int]] = None) -> Path:
     """nvcc the torch-free kernels; writes ``ptxas.txt`` (registers/spills per kernel)."""
     home = cuda_home()
     if home is None:
         raise RuntimeError("nvcc not found: install the CUDA toolkit or set CUDA_HOME")
     obj = out_dir / "lie_kernels.o"
     cmd = [str(Path(home) / "bin" / "nvcc"), "-std=c++17", "-O3", "-Xcompiler", "-fPIC",
-           "-Xptxas", "-v", *arch_flags(), "-I", str(CSRC), "-c",
+           "-Xptxas", "-v", *arch_flags(archs), "-I", str(CSRC), "-c",
            str(CSRC / "lie_kernels.cu"), "-o", str(obj)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     (out_dir / "ptxas.txt").write_text(proc.stdout + proc.stderr)
@@ -108,14 +117,15 @@ def build(verbose: bool = False) -> None:
     if home:  # it reads CUDA_HOME once, at import, and takes /usr/local for a wrapper nvcc
         cpp_extension.CUDA_HOME = home
     out = build_dir()
-    src_time = max((CSRC / f).stat().st_mtime for f in KERNEL_SOURCES)
     obj = out / "lie_kernels.o"
-    if not obj.exists() or obj.stat().st_mtime < src_time:
+    if not obj.exists() or obj.stat().st_mtime < sources_mtime():
         obj = compile_kernels(out)
     cpp_extension.load(
         name=EXT_NAME, sources=[str(CSRC / "binding.cpp")], extra_include_paths=[str(CSRC)],
         extra_ldflags=[str(obj), f"-L{Path(home) / 'lib64'}", "-lcudart"],
-        extra_cflags=host_flags(), with_cuda=True, build_directory=str(out),
+        # the object's mtime in the flags: torch re-links only when its flags or sources change
+        extra_cflags=host_flags() + [f"-DLIE_KERNELS_OBJECT_STAMP={obj.stat().st_mtime_ns}"],
+        with_cuda=True, build_directory=str(out),
         is_python_module=False, verbose=verbose)  # ops only: torch.ops.lie_kernels_cuda
 
 

@@ -3,8 +3,14 @@
 The extension comes from ``LIE_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation
 -e .`` (``lie_kernels/_C*.so``) or from a JIT build (``python -m
 lie_kernels._cuda_build``, or ``LIE_KERNELS_JIT=1`` to build on first use).
-Loading registers ``torch.ops.lie_kernels_cuda.{forward,backward}`` plus fake
-implementations, so ``torch.compile`` sees shapes.
+Loading registers ``torch.ops.lie_kernels_cuda.{forward,backward,backward_splits}``
+plus fake implementations, so ``torch.compile`` sees shapes.
+
+Layout: the kernels walk W's rows in memory order (``base.weight_rows``). For
+``channels_last`` or any other dense permutation, W reaches them as an ``(R, M)``
+view (no copy) with p's columns permuted to match (p is tiny); the ops return W'
+and dW as contiguous ``(R, M)`` in that order, seen back as W-shaped views in W's
+own layout (``base.rows_to_weight``), and dp is permuted back.
 """
 from __future__ import annotations
 
@@ -15,9 +21,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .base import Backend, kernel_limits, order_zero_backward
+from .base import (Backend, columns_from_order, kernel_limits, order_zero_backward,
+                   rows_to_weight, rows_view, weight_rows)
 
-MAX_RANK = 32  # csrc/lie_kernels.cu: kMaxRank
+MAX_RANK = 32  # csrc/lie_launch.h: kMaxRank
 MAX_ORDER = 8
 BUILD_HINT = ("build it with `LIE_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .` "
               "or `python -m lie_kernels._cuda_build` (needs nvcc and a CUDA build of torch)")
@@ -63,7 +70,7 @@ def _order(order: Optional[int]) -> int:
 
 class CudaBackend(Backend):
     name = "cuda"
-    priority = 10  # below Triton until GPU benchmarks say otherwise
+    priority = 10  # the reference implementation, below Triton (roofline: docs/cuda.md)
 
     def availability(self) -> Tuple[bool, str]:
         if not torch.cuda.is_available():
@@ -82,13 +89,20 @@ class CudaBackend(Backend):
         return reasons + kernel_limits(weight, u, order, MAX_ORDER, MAX_RANK)
 
     def forward(self, weight, u, p, order, scale) -> Tensor:
-        return load().forward(weight, u, p, _order(order), float(scale))
+        w2, pm, perm = weight_rows(weight, p)
+        out = load().forward(w2, u, pm, _order(order), float(scale))
+        return rows_to_weight(out, weight.shape, perm)
 
     def backward(self, grad, weight, u, p, order, scale, need_dw):
         if order == 0:
             return order_zero_backward(grad, weight, u, p, need_dw)
-        dw, du, dp = load().backward(grad, weight, u, p, _order(order), float(scale), need_dw)
-        return (dw if need_dw else None), du, dp
+        w2, pm, perm = weight_rows(weight, p)
+        g2 = rows_view(grad, perm)
+        if g2 is None:  # g laid out unlike W: one copy into W's order
+            g2 = grad.permute(0, *perm).reshape(w2.shape)
+        dw, du, dp = load().backward(g2, w2, u, pm, _order(order), float(scale), need_dw)
+        return ((rows_to_weight(dw, weight.shape, perm) if need_dw else None), du,
+                columns_from_order(dp, weight.shape, perm))
 
 
 BACKEND = CudaBackend()
