@@ -1,18 +1,15 @@
 """Triton-specific checks; the shared value/gradient tests live in test_backends.py.
 
 Here (no GPU) the kernels run in the Triton interpreter; on a GPU the same tests
-run the compiled kernels. The AOT test compiles every shipped kernel for sm_80
-and sm_90 in a process without the interpreter.
+run the compiled kernels. Compiling every shipped kernel for sm_80/sm_90 (and
+reading its SASS) is tests/test_kernel_health.py; 64-bit offsets are
+tests/test_indexing64.py.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import lie_kernels as lk
-from lie_kernels.backends import get_backend, select_backend
+from lie_kernels.backends import get_backend, select_backend, triton_backend
 
 from helpers import lowrank_inputs, ref_lowrank, rel_err
 
@@ -73,13 +70,99 @@ def test_backward_is_deterministic(order):
     assert torch.equal(grads[0], grads[1])
 
 
-def test_kernels_compile_for_sm80_and_sm90():
-    """Every shipped kernel through the real GPU compiler (ptxas included), no GPU needed."""
-    pytest.importorskip("triton")
-    from lie_kernels.backends import triton_aot
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "lie_kernels.backends.triton_aot", "80", "90"],
-                          env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    compiled = [ln for ln in proc.stdout.splitlines() if ln.startswith("compiled ")]
-    assert len(compiled) == 2 * len(list(triton_aot.cases()))
+@needs_triton
+@pytest.mark.parametrize("order", [0, 1, 2, 8, None])
+def test_infinite_weight_at_identity_init(order):
+    """Δ = 0 (b = 0, LoRA's init) must give W' == W bitwise, ±inf included
+    (W + W·expm1(0) would be inf + inf·0 = NaN)."""
+    w, a, b = lowrank_inputs((5, 40), 3, device=DEVICE)
+    w[0, 3], w[4, 39] = float("inf"), float("-inf")
+    out = lk.lie_weight_lowrank(w, a, b * 0, order=order, scale=0.7, backend="triton")
+    assert torch.equal(out, w)
+
+
+class _Spy:
+    """Wraps a Triton kernel; records the storage of every tensor it is launched with."""
+
+    def __init__(self, kernel):
+        self.kernel, self.storages = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.storages += [a.untyped_storage().data_ptr() for a in args
+                              if isinstance(a, torch.Tensor)]
+            return self.kernel[grid](*args, **kw)
+        return launch
+
+
+@needs_triton
+@pytest.mark.parametrize("order", [1, None])
+def test_channels_last_runs_in_place(monkeypatch, order):
+    """A channels_last conv weight reaches the kernels as a view of its own storage
+    (no W-sized copy); W' and dW come back channels_last; values match fp64."""
+    w = torch.randn(6, 5, 3, 3, device=DEVICE).to(memory_format=torch.channels_last)
+    a = (torch.randn(4, 45, device=DEVICE) * 0.3).requires_grad_()
+    b = (torch.randn(6, 4, device=DEVICE) * 0.3).requires_grad_()
+    w.requires_grad_()
+    fwd = _Spy(triton_backend.K.lie_fwd_kernel)
+    bwd = _Spy(triton_backend.K.lie_bwd_kernel)
+    monkeypatch.setattr(triton_backend.K, "lie_fwd_kernel", fwd)
+    monkeypatch.setattr(triton_backend.K, "lie_bwd_kernel", bwd)
+    out = lk.lie_weight_lowrank(w, a, b, order=order, scale=0.5, backend="triton")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(out)  # channels_last like out
+    out.backward(g)
+    storage = w.untyped_storage().data_ptr()
+    assert storage in fwd.storages and storage in bwd.storages
+    assert w.grad.is_contiguous(memory_format=torch.channels_last)
+    ref, (rw, ra, rb) = ref_lowrank(w, a, b, order, 0.5)
+    ref.backward(g.double().cpu())
+    assert rel_err(out, ref) < 2e-6
+    for got, exp in ((w.grad, rw.grad), (a.grad, ra.grad), (b.grad, rb.grad)):
+        assert rel_err(got, exp) < 2e-5
+
+
+@needs_triton
+def test_grouped_launch_keeps_its_table_on_the_device(monkeypatch):
+    """After the first call, the grouped forward copies nothing host-to-device (the
+    backend's only such copy is ``_to_device``), yet sees in-place factor updates."""
+    copies = []
+    real = triton_backend._to_device
+    monkeypatch.setattr(triton_backend, "_to_device",
+                        lambda t, dev: copies.append(t.numel()) or real(t, dev))
+    be = get_backend("triton")
+    layers = [lowrank_inputs(shape, r, device=DEVICE)
+              for shape, r in (((9, 20), 3), ((16, 4, 3, 3), 5), ((7, 33), 2))]
+    ws = [lay[0] for lay in layers]
+    ps, us = [lay[1] for lay in layers], [lay[2] for lay in layers]
+    scales = [0.5, 1.0, 0.25]
+    be.forward_many(ws, us, ps, 2, scales)
+    first = len(copies)
+    assert first > 0
+    for step in range(2):
+        for u in us:
+            u.mul_(1.5)  # an optimizer step: same tensors, new values
+        outs = be.forward_many(ws, us, ps, 2, scales)
+        assert len(copies) == first, f"step {step}: host-to-device copies after the first call"
+        for w, u, p, s, out in zip(ws, us, ps, scales, outs):
+            ref, _ = ref_lowrank(w, p, u, 2, s)
+            assert out.shape == w.shape and rel_err(out, ref) < 2e-6
+
+
+@needs_triton
+@pytest.mark.parametrize("order", [2, None])
+def test_fp32_factors_with_fp16_weight(order):
+    """PEFT keeps adapter factors in fp32 over a 16-bit W: W' in W's dtype, du/dp in
+    the factors' dtype, within fp16 rounding of the fp64 reference."""
+    w, a, b = lowrank_inputs((33, 70), 6, device=DEVICE)
+    w = w.half()
+    a, b = a.requires_grad_(), b.requires_grad_()
+    out = lk.lie_weight_lowrank(w, a, b, order=order, scale=0.5, backend="triton")
+    assert out.dtype == torch.float16
+    g = torch.randn_like(out)
+    out.backward(g)
+    assert a.grad.dtype == b.grad.dtype == torch.float32
+    ref, (rw, ra, rb) = ref_lowrank(w, a, b, order, 0.5)
+    ref.backward(g.double().cpu())
+    assert rel_err(out, ref) < 1e-3
+    assert rel_err(a.grad, ra.grad) < 1e-3 and rel_err(b.grad, rb.grad) < 1e-3

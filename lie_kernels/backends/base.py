@@ -89,6 +89,70 @@ def unfold(t: Tensor) -> Tensor:
         return t.reshape(rows, -1)
 
 
+def memory_order(t: Tensor) -> Tuple[int, ...]:
+    """Trailing dims of ``t`` in the order its memory holds them: ``(1, 2, ...)`` when
+    the logical ``(C_out, M)`` unfolding is a view, else sorted by decreasing stride
+    (channels_last ``(O, I, H, W)`` gives ``(2, 3, 1)``)."""
+    trailing = tuple(range(1, t.dim()))
+    if rows_view(t, trailing) is not None:
+        return trailing
+    return tuple(sorted(trailing, key=lambda d: -t.stride(d)))
+
+
+def rows_view(t: Tensor, perm: Sequence[int]) -> Optional[Tensor]:
+    """``(C_out, M)`` view of ``t`` with its columns in ``perm`` order, or None when
+    the strides allow no such view (never a copy)."""
+    try:
+        return t.permute(0, *perm).view(t.shape[0], -1)
+    except RuntimeError:
+        return None
+
+
+def empty_in_order(t: Tensor, perm: Sequence[int]) -> Tensor:
+    """Uninitialised tensor like ``t`` (shape, dtype, device) whose ``rows_view`` along
+    ``perm`` exists: ``t``'s own layout when ``t`` is dense, else packed in ``perm`` order."""
+    out = torch.empty_like(t)
+    if rows_view(out, perm) is not None:
+        return out
+    packed = torch.empty((t.shape[0], t.shape[1:].numel()), dtype=t.dtype, device=t.device)
+    return rows_to_weight(packed, t.shape, perm)
+
+
+def rows_to_weight(t2: Tensor, shape: Sequence[int], perm: Sequence[int]) -> Tensor:
+    """A contiguous ``(R, M)`` tensor whose columns are in ``perm`` order, seen as a
+    ``shape`` tensor (a view; ``t2`` is its ``rows_view`` along ``perm``)."""
+    packed = t2.view(t2.shape[0], *[shape[d] for d in perm])
+    return packed.permute(0, *[1 + list(perm).index(d) for d in range(1, len(shape))])
+
+
+def weight_rows(weight: Tensor, p: Tensor) -> Tuple[Tensor, Tensor, Tuple[int, ...]]:
+    """W's ``(R, M)`` view in memory order (a copy only when W is no dense permutation),
+    p's columns in that order, and the order (``memory_order``)."""
+    perm = memory_order(weight)
+    w2 = rows_view(weight, perm)
+    if w2 is None:
+        perm = tuple(range(1, weight.dim()))
+        w2 = weight.reshape(weight.shape[0], -1)
+    return w2, columns_to_order(p, weight.shape, perm), perm
+
+
+def columns_to_order(p: Tensor, shape: Sequence[int], perm: Sequence[int]) -> Tensor:
+    """``p`` ``(r, M)`` with its columns (logical order of ``shape[1:]``) reordered
+    to ``perm``; a view when ``perm`` is the identity, else a small copy."""
+    if tuple(perm) == tuple(range(1, len(shape))):
+        return p
+    return p.reshape(p.shape[0], *shape[1:]).permute(0, *perm).reshape(p.shape[0], -1)
+
+
+def columns_from_order(q: Tensor, shape: Sequence[int], perm: Sequence[int]) -> Tensor:
+    """Inverse of ``columns_to_order``: ``(r, M)`` in ``perm`` order back to logical order."""
+    if tuple(perm) == tuple(range(1, len(shape))):
+        return q
+    inv = [1 + list(perm).index(d) for d in range(1, len(shape))]
+    return (q.reshape(q.shape[0], *[shape[d] for d in perm]).permute(0, *inv)
+            .reshape(q.shape[0], -1))
+
+
 def order_zero_backward(grad: Tensor, weight: Tensor, u: Tensor, p: Tensor, need_dw: bool
                         ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
     """Order 0: exp_0 = 1, so W' = W; dW = g and the factors get no gradient."""

@@ -1,84 +1,180 @@
-"""Compile the Triton kernels for real GPU targets without a GPU.
+"""Compile the Triton kernels for real GPU targets without a GPU, as the JIT would.
 
-The interpreter accepts code that a GPU compiler rejects (``tl.dot`` with an
-inner dimension below 16, bf16 quirks, missing libdevice calls), so the tests
-run this in a process without ``TRITON_INTERPRET`` for every order and dtype we
-ship. ``python -m lie_kernels.backends.triton_aot 80 90`` compiles them all, two
-at a time, and prints one line per kernel.
+Each case is compiled with the specialisation the runtime JIT gives contiguous,
+16-byte-aligned tensors (DESIGN.md §5): unit strides are constexpr 1, pointers
+and sizes divisible by 16 carry ``tt.divisibility``; tile shapes, warps and
+stages come from the backend's own ``fwd_config``/``bwd_config``. The
+interpreter accepts code that a GPU compiler rejects (``tl.dot`` with K < 16,
+bf16 quirks), and the SASS shows what the interpreter cannot (spills, vector
+width, tensor cores): ``lie_kernels.kernel_report`` and
+``tests/test_kernel_health.py`` read it.
+
+Coverage ("every configuration the backend can launch"), for fp32/fp16/bf16 W:
+on sm_90 every order at rank pad 16 and every rank pad (16..128) at the
+heaviest orders (8: the longest Horner chain; exact: ``exp``), plus dW, the
+grouped kernel and fp32 factors with a 16-bit W at the smallest and largest
+rank pad; on sm_80 the corners (orders 8/exact at rank pads 16 and 128).
+Between those points only the length of an unrolled Horner chain or the tile
+shape changes, so the corners bound the rest; compiling all ~400 combinations
+would take about 15 minutes on 2 cores, the gate about 4. ``python -m lie_kernels.backends.triton_aot 80 90`` compiles
+them all, two at a time, and prints one line per kernel.
 """
 from __future__ import annotations
 
 import itertools
 import multiprocessing
 import sys
+from typing import Iterator, NamedTuple
 
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile as triton_compile
-
-from .triton_kernels import (EXACT, TABLE_COLS, lie_bwd_kernel, lie_fwd_grouped_kernel,
-                             lie_fwd_kernel)
+from .triton_kernels import (DOT_16, DOT_IEEE, EXACT, lie_bwd_kernel, lie_fwd_grouped_kernel,
+                             lie_fwd_kernel, lie_reduce_kernel)
 
 ORDERS = [EXACT, *range(0, 9)]
-DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-_TL = {"*fp32": tl.float32, "*fp16": tl.float16, "*bf16": tl.bfloat16}
-# Every order and dtype with the smallest rank tile; the largest tile (rank 65..128)
-# changes only the tile shape, so one order per dtype covers it.
-BIG_RANK_PAD, BIG_RANK_ORDERS = 128, (4,)
+HEAVY_ORDERS = (8, EXACT)
+RANK_PADS = (16, 32, 64, 128)
+DTYPES = ("fp32", "fp16", "bf16")
 
 
-def _fwd_source(dtype: str, order: int, rp: int) -> ASTSource:
-    sig = dict(w_ptr=dtype, u_ptr=dtype, p_ptr=dtype, out_ptr=dtype, R="i32", M="i32",
-               r="i32", s_wr="i32", s_wc="i32", s_ur="i32", s_uk="i32", s_pk="i32",
-               s_pc="i32", scale="fp32")
-    const = dict(ORDER=order, RP=rp, BLOCK_R=64 if rp <= 32 else 32, BLOCK_C=128,
-                 DOT_FP32=dtype == "*fp32")
-    return ASTSource(lie_fwd_kernel, {**sig, **{k: "constexpr" for k in const}}, const)
+class Case(NamedTuple):
+    kernel: str          # "fwd" | "bwd" | "grouped" | "reduce"
+    dtype: str           # W's dtype
+    order: int
+    rank_pad: int
+    factors: str = ""    # factor dtype when it differs from W's ("fp32")
+    need_dw: bool = False
+
+    def describe(self) -> str:
+        extra = (f" factors={self.factors}" if self.factors else "") + \
+            (" need_dw" if self.need_dw else "")
+        return (f"{self.kernel} {self.dtype} order={order_name(self.order)} "
+                f"rank_pad={self.rank_pad}{extra}")
 
 
-def _bwd_source(dtype: str, order: int, rp: int) -> ASTSource:
-    sig = dict(g_ptr=dtype, w_ptr=dtype, u_ptr=dtype, p_ptr=dtype, dw_ptr=dtype,
-               du_part_ptr="*fp32", dp_part_ptr="*fp32", R="i32", M="i32", r="i32",
-               tiles_per_split="i32", s_gr="i32", s_gc="i32", s_wr="i32", s_wc="i32",
-               s_ur="i32", s_uk="i32", s_pk="i32", s_pc="i32", scale="fp32")
-    const = dict(ORDER=order, DORDER=EXACT if order == EXACT else order - 1,
-                 NEED_DW=True, RP=rp, BLOCK_R=64 if rp <= 32 else 32, BLOCK_C=128)
-    return ASTSource(lie_bwd_kernel, {**sig, **{k: "constexpr" for k in const}}, const)
+def order_name(order: int) -> str:
+    return "exact" if order == EXACT else str(order)
 
 
-def _grouped_source(dtype: str, order: int, rp: int) -> ASTSource:
-    sig = dict(table_ptr="*i64", tile_layer_ptr="*i32", tile_first_ptr="*i32",
-               scale_ptr="*fp32")
-    const = dict(DTYPE=_TL[dtype], ORDER=order, RP=rp, BLOCK_R=64, BLOCK_C=128,
-                 DOT_FP32=dtype == "*fp32")
-    assert len(TABLE_COLS) == 14  # the kernel reads a 14-column table row
-    return ASTSource(lie_fwd_grouped_kernel, {**sig, **{k: "constexpr" for k in const}}, const)
-
-
-def cases():
-    """(description, ASTSource factory, args) for everything we ship."""
-    for dtype, order in itertools.product(DTYPES, ORDERS):
-        for rp in (16, BIG_RANK_PAD) if order in BIG_RANK_ORDERS else (16,):
-            yield f"fwd {dtype} order={order} rank_pad={rp}", _fwd_source, (DTYPES[dtype], order, rp)
-            if rp == 16:
-                yield f"grouped fwd {dtype} order={order}", _grouped_source, (DTYPES[dtype], order, rp)
+def cases(arch: int = 90) -> Iterator[Case]:
+    """Everything the gate compiles for ``arch`` (coverage: module docstring)."""
+    for dtype in DTYPES:
+        if arch != 90:  # sm_80: the corners only (smallest/largest rank pad, heavy orders)
+            for order, rp in itertools.product(HEAVY_ORDERS, (16, 128)):
+                yield from (Case("fwd", dtype, order, rp), Case("bwd", dtype, order, rp))
+            yield Case("reduce", dtype, 0, 0)
+            continue
+        for order in ORDERS:
+            yield Case("fwd", dtype, order, 16)
             if order != 0:  # order 0 has no backward kernel: its gradients are zero
-                yield f"bwd {dtype} order={order} rank_pad={rp}", _bwd_source, (DTYPES[dtype], order, rp)
+                yield Case("bwd", dtype, order, 16)
+        for rp in RANK_PADS[1:]:
+            yield Case("fwd", dtype, 8, rp)
+            yield from (Case("bwd", dtype, order, rp) for order in HEAVY_ORDERS)
+        for rp in (16, 128):
+            yield Case("bwd", dtype, 8, rp, need_dw=True)
+            yield Case("grouped", dtype, 8, rp)
+            if dtype != "fp32":
+                yield from (Case("fwd", dtype, 8, rp, "fp32"), Case("bwd", dtype, 8, rp, "fp32"))
+        yield Case("reduce", dtype, 0, 0)
 
 
-def _compile_one(job) -> str:
-    arch, desc, make, args = job
-    triton_compile(make(*args), target=GPUTarget("cuda", arch, 32))
-    return f"sm_{arch} {desc}"
+def _tl(name: str):
+    import triton.language as tl
+    return {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}[name]
 
 
-def compile_all(archs, workers: int = 2):
-    """Compile every case for every arch; yields a line per kernel, raises on a failure."""
-    jobs = [(a, d, m, args) for a in archs for d, m, args in cases()]
+def _source(case: Case):
+    """ASTSource with the JIT's specialisation for contiguous, aligned tensors, and
+    the launch options the backend uses."""
+    from triton.compiler import ASTSource
+    from .triton_backend import bwd_config, fwd_config, grouped_config
+    d, f = "*" + case.dtype, "*" + (case.factors or case.dtype)
+    dot = DOT_IEEE if case.dtype == "fp32" else DOT_16
+    if case.kernel == "fwd":
+        cfg = fwd_config(case.rank_pad, case.dtype)
+        fn = lie_fwd_kernel
+        sig = dict(w_ptr=d, u_ptr=f, p_ptr=f, out_ptr=d, R="i32", M="i32", r="i32",
+                   s_wr="i32", s_ur="i32", s_pk="i32", s_or="i32", scale="fp32",
+                   col_tiles="i32")
+        const = dict(s_wc=1, s_uk=1, s_pc=1, s_oc=1, ORDER=case.order, RP=case.rank_pad,
+                     BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, DOT=dot)
+        div = ("w_ptr", "u_ptr", "p_ptr", "out_ptr", "M", "s_wr", "s_pk", "s_or")
+    elif case.kernel == "bwd":
+        cfg = bwd_config(case.rank_pad, case.dtype)
+        fn = lie_bwd_kernel
+        sig = dict(g_ptr=d, w_ptr=d, u_ptr=f, p_ptr=f, dw_ptr=d, du_part_ptr="*fp32",
+                   dp_part_ptr="*fp32", R="i32", M="i32", r="i32",
+                   row_blocks_per_split="i32", col_tiles_per_split="i32", col_splits="i32",
+                   s_gr="i32", s_wr="i32", s_ur="i32", s_pk="i32", s_dr="i32", scale="fp32")
+        const = dict(s_gc=1, s_wc=1, s_uk=1, s_pc=1, s_dc=1, ORDER=case.order,
+                     DORDER=EXACT if case.order == EXACT else case.order - 1,
+                     NEED_DW=case.need_dw, RP=case.rank_pad, BLOCK_R=cfg.block_r,
+                     BLOCK_C=cfg.block_c, DOT=dot)
+        div = ("g_ptr", "w_ptr", "u_ptr", "p_ptr", "dw_ptr", "du_part_ptr", "dp_part_ptr",
+               "M", "s_gr", "s_wr", "s_pk", "s_dr")
+    elif case.kernel == "grouped":
+        cfg = grouped_config(case.rank_pad, case.dtype)
+        fn = lie_fwd_grouped_kernel
+        sig = dict(table_ptr="*i64", tile_layer_ptr="*i32", scale_ptr="*fp32", out_ptr=d)
+        const = dict(DTYPE=_tl(case.dtype), UP_DTYPE=_tl(case.factors or case.dtype),
+                     ORDER=case.order, RP=case.rank_pad, BLOCK_R=cfg.block_r,
+                     BLOCK_C=cfg.block_c, DOT=dot)
+        div = ("table_ptr", "tile_layer_ptr", "scale_ptr", "out_ptr")
+    else:
+        cfg = None
+        fn = lie_reduce_kernel
+        sig = dict(du_part_ptr="*fp32", du_ptr=d, n_du="i32", du_splits="i32",
+                   du_progs="i32", dp_part_ptr="*fp32", dp_ptr=d, n_dp="i32",
+                   dp_splits="i32", scale="fp32")
+        const = dict(BLOCK=1024)
+        div = ("du_part_ptr", "du_ptr", "dp_part_ptr", "dp_ptr", "n_du", "n_dp")
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
+    src = ASTSource(fn, {**sig, **{k: "constexpr" for k in const}}, const, attrs)
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages) if cfg else \
+        dict(num_warps=4)
+    return src, options
+
+
+def contract(case: Case) -> str:
+    """What the SASS of a case must show: 128-bit loads/stores where W/g/W' rows
+    are contiguous and aligned, MMA where a 16-bit rank contraction runs."""
+    mma = case.dtype != "fp32" and case.order != 0 and case.kernel != "reduce"
+    if case.kernel == "fwd":
+        vec = "ldg128 stg128"
+    elif case.kernel == "bwd":
+        vec = "ldg128 stg128" if case.need_dw else "ldg128"
+    else:  # grouped: pointers come from a table, alignment unknown; reduce: fp32 sums
+        vec = ""
+    return (vec + (" mma" if mma else "")).strip()
+
+
+def compile_case(case: Case, arch: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import compile as triton_compile
+    src, options = _source(case)
+    return triton_compile(src, target=GPUTarget("cuda", arch, 32), options=options), options
+
+
+def _row(job) -> dict:
+    from .. import kernel_report
+    arch, case = job
+    kernel, options = compile_case(case, arch)
+    return kernel_report.cubin_row(
+        kernel.asm["cubin"], kernel=f"triton {case.kernel}"
+        + (" dW" if case.need_dw else "") + (" f32-factors" if case.factors else ""),
+        arch=arch, dtype=case.dtype, order=order_name(case.order), rank_pad=case.rank_pad,
+        num_warps=options["num_warps"], contract=contract(case),
+        launch_smem=kernel.metadata.shared)
+
+
+def report_rows(archs, workers: int = 2):
+    """Compile every case for every arch in ``workers`` processes; yields report rows
+    (in case order); raises on a compile failure."""
+    jobs = [(a, c) for a in archs for c in cases(a)]
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap_unordered(_compile_one, jobs)
+        yield from pool.imap(_row, jobs)
 
 
 if __name__ == "__main__":
-    for line in compile_all([int(a) for a in sys.argv[1:]] or [80, 90]):
-        print("compiled", line, flush=True)
+    for row in report_rows([int(a) for a in sys.argv[1:]] or [80, 90]):
+        print(f"compiled sm_{row['arch']} {row['kernel']} {row['dtype']} order={row['order']} "
+              f"rank_pad={row['rank_pad']}", flush=True)

@@ -3,16 +3,23 @@
 On CUDA tensors the kernels are compiled for the GPU. With ``TRITON_INTERPRET=1``
 they run in Triton's interpreter on CPU tensors, which is how they are tested on
 machines without a GPU (slow: ``auto`` never picks it there).
+
+W is read in place in its memory order (``channels_last`` and other dense
+permutations included: ``p``'s columns, a small tensor, are reordered instead),
+and W', dW come back in W's layout. Launch shapes depend only on the tensor
+shapes, never on the GPU model, so results are bitwise the same on every GPU.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from collections import OrderedDict
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .base import Backend, kernel_limits, order_zero_backward, unfold
+from .base import (Backend, columns_from_order, columns_to_order, empty_in_order,
+                   kernel_limits, memory_order, order_zero_backward, rows_view)
 
 try:
     import triton
@@ -26,6 +33,10 @@ except ImportError as exc:  # triton is optional
 
 MAX_RANK = 128  # the whole padded rank lives in one register tile
 MAX_ORDER = 8
+#: programs of the backward (rows splits × column splits): a constant, not a function
+#: of the SM count, so the reduction order is the same on every GPU
+BWD_PROGRAMS = 256
+REDUCE_BLOCK = 1024
 
 
 def _interpreting() -> bool:
@@ -36,19 +47,106 @@ def _order_const(order: Optional[int]) -> int:
     return K.EXACT if order is None else order
 
 
-def _blocks(rows: int, cols: int, rank_pad: int) -> Tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_C, num_warps): one program per small problem in the interpreter
-    (~4 ms per program there); 64x128 tiles with 16-byte column vectors on a GPU."""
-    if _interpreting():
-        return (min(64, triton.next_power_of_2(rows)), min(256, triton.next_power_of_2(cols)),
-                4)
-    block_r = 64 if rank_pad <= 32 else 32
-    return block_r, 128, 8 if rank_pad <= 32 else 4
+def rank_pad(rank: int) -> int:
+    return max(16, triton.next_power_of_2(rank))
+
+
+class Config(NamedTuple):
+    """Tile shape and warps of one launch."""
+    block_r: int
+    block_c: int
+    num_warps: int
+    num_stages: int
+
+
+# Tile shapes per rank pad and W dtype on a GPU. Each one passes the kernel health gate
+# (tests/test_kernel_health.py: no spills, <= 64 KB smem, >= 2 blocks/SM, 128-bit
+# accesses, MMA in 16-bit); the gate's table (python -m lie_kernels.kernel_report) shows
+# what each compiles to; the exception is the fp32 backward at rank pads 64/128 (KNOWN in
+# the test: still local-memory spills). fp32 tiles are smaller: FMA dots hold whole rank
+# vectors per thread.
+
+def fwd_config(rp: int, dtype: str) -> Config:
+    """Forward: W/W' tiles with 16-byte column vectors; u/p operand tiles grow with rp."""
+    if dtype == "fp32":
+        return Config(32, 128, 8, 2) if rp <= 16 else \
+            Config(16, 64, 4, 2) if rp <= 64 else Config(16, 32, 4, 2)
+    return Config(64, 128, 8, 2) if rp <= 32 else \
+        Config(32, 128, 4, 2) if rp <= 64 else Config(16, 128, 4, 2)
+
+
+def bwd_config(rp: int, dtype: str) -> Config:
+    """Backward: g, W, t tiles, both dot-operand layouts of t and an (rp × BLOCK_C) fp32
+    dp accumulator in registers."""
+    if dtype == "fp32":
+        return {16: Config(32, 64, 8, 1), 32: Config(16, 32, 4, 1),
+                64: Config(16, 64, 8, 1)}.get(rp, Config(16, 32, 8, 1))
+    return {16: Config(64, 64, 4, 1), 32: Config(32, 64, 4, 1),
+            64: Config(32, 64, 4, 1)}.get(rp, Config(16, 32, 4, 1))
+
+
+def grouped_config(rp: int, dtype: str) -> Config:
+    """Grouped forward: sizes and strides come from a table (no constant strides), so
+    it needs more registers than ``fwd_config``'s tiles allow."""
+    if dtype == "fp32":
+        return Config(16, 64, 4, 2) if rp <= 32 else Config(16, 32, 8, 2)
+    return Config(32, 128, 8, 2) if rp <= 32 else Config(16, 128, 4, 2)
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _interp_config(rows: int, cols: int) -> Config:
+    """Interpreter: one big tile per small problem (~4 ms per program there)."""
+    return Config(min(64, triton.next_power_of_2(rows)), min(256, triton.next_power_of_2(cols)),
+                  4, 1)
+
+
+def dot_mode(dtype: torch.dtype) -> int:
+    """16-bit MMA for fp16/bf16 W; fp32 FMA for fp32 W (see triton_kernels: tf32
+    misses the 1e-4 budget) and in the interpreter (its bf16 dot is wrong)."""
+    if _interpreting() or dtype == torch.float32:
+        return K.DOT_IEEE
+    return K.DOT_16
+
+
+def bwd_splits(row_blocks: int, col_tiles: int, rows: int, cols: int) -> Tuple[int, int]:
+    """(row splits, column splits) for about ``BWD_PROGRAMS`` programs (powers of two
+    for the rows), chosen so the partials, ``row_splits·r·M + col_splits·R·r``
+    floats, are smallest (near ``row_splits·M = col_splits·R``)."""
+    best = None
+    s_r = 1
+    while s_r <= row_blocks:
+        s_c = max(1, min(col_tiles, BWD_PROGRAMS // s_r))
+        cost = s_r * cols + s_c * rows
+        if best is None or cost < best[0]:
+            best = (cost, s_r, s_c)
+        s_r *= 2
+    return best[1], best[2]
+
+
+class _Table(NamedTuple):
+    """A grouped launch's device state, built once per layer set."""
+    table: Tensor
+    tile_layer: Tensor
+    scales: Tensor
+    u_buf: Tensor
+    p_buf: Tensor
+    tiles: int
+    out_numel: int
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """The grouped path's only host-to-device copy (tests count its calls)."""
+    return host.to(device)
 
 
 class TritonBackend(Backend):
     name = "triton"
     priority = 20
+
+    def __init__(self):
+        self._tables: "OrderedDict[tuple, _Table]" = OrderedDict()
 
     def availability(self) -> Tuple[bool, str]:
         if _IMPORT_ERROR is not None:
@@ -71,48 +169,70 @@ class TritonBackend(Backend):
             reasons.append(f"device {weight.device.type} is not supported")
         return reasons + kernel_limits(weight, u, order, MAX_ORDER, MAX_RANK)
 
+    @staticmethod
+    def _views(weight: Tensor, p: Tensor):
+        """W's (R, M) view in memory order (a copy only for a non-dense W), p's
+        columns in that order, and the order."""
+        perm = memory_order(weight)
+        w2 = rows_view(weight, perm)
+        if w2 is None:  # not a dense permutation: the only case that copies W
+            perm = tuple(range(1, weight.dim()))
+            w2 = weight.reshape(weight.shape[0], -1)
+        return w2, columns_to_order(p, weight.shape, perm), perm
+
     def forward(self, weight: Tensor, u: Tensor, p: Tensor,
                 order: Optional[int], scale: float) -> Tensor:
-        w2 = unfold(weight)
+        w2, pm, perm = self._views(weight, p)
+        out = empty_in_order(weight, perm)
+        o2 = rows_view(out, perm)
         rows, cols = w2.shape
-        out = torch.empty((rows, cols), dtype=weight.dtype, device=weight.device)
-        rp = max(16, triton.next_power_of_2(u.shape[1]))
-        br, bc, warps = _blocks(rows, cols, rp)
-        grid = (triton.cdiv(rows, br), triton.cdiv(cols, bc))
-        K.lie_fwd_kernel[grid](
-            w2, u, p, out, rows, cols, u.shape[1], *w2.stride(), *u.stride(), *p.stride(),
-            float(scale), ORDER=_order_const(order), RP=rp, BLOCK_R=br, BLOCK_C=bc,
-            # bf16/fp16 tl.dot is wrong in the interpreter; fp32 needs IEEE, not tf32
-            DOT_FP32=_interpreting() or weight.dtype == torch.float32, num_warps=warps)
-        return out.view(weight.shape)
+        rp = rank_pad(u.shape[1])
+        cfg = (_interp_config(rows, cols) if _interpreting()
+               else fwd_config(rp, _DTYPE_NAMES[weight.dtype]))
+        row_blocks, col_tiles = triton.cdiv(rows, cfg.block_r), triton.cdiv(cols, cfg.block_c)
+        K.lie_fwd_kernel[(row_blocks * col_tiles,)](
+            w2, u, pm, o2, rows, cols, u.shape[1], *w2.stride(), *u.stride(), *pm.stride(),
+            *o2.stride(), float(scale), col_tiles, ORDER=_order_const(order), RP=rp,
+            BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, DOT=dot_mode(weight.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return out
 
     def backward(self, grad: Tensor, weight: Tensor, u: Tensor, p: Tensor,
                  order: Optional[int], scale: float, need_dw: bool
                  ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
         if order == 0:
             return order_zero_backward(grad, weight, u, p, need_dw)
-        w2, g2 = unfold(weight), unfold(grad)
+        w2, pm, perm = self._views(weight, p)
+        g2 = rows_view(grad, perm)
+        if g2 is None:  # g laid out unlike W: one copy into W's order
+            g2 = grad.permute(0, *perm).reshape(w2.shape)
         rows, cols = w2.shape
         rank = u.shape[1]
-        rp = max(16, triton.next_power_of_2(rank))
-        br, bc, warps = _blocks(rows, cols, rp)
-        row_blocks, col_tiles = triton.cdiv(rows, br), triton.cdiv(cols, bc)
-        splits = self._column_splits(row_blocks, col_tiles, weight.device)
-        tiles_per_split = triton.cdiv(col_tiles, splits)
-        splits = triton.cdiv(col_tiles, tiles_per_split)
+        rp = rank_pad(rank)
+        cfg = (_interp_config(rows, cols) if _interpreting()
+               else bwd_config(rp, _DTYPE_NAMES[weight.dtype]))
+        row_blocks, col_tiles = triton.cdiv(rows, cfg.block_r), triton.cdiv(cols, cfg.block_c)
+        s_r, s_c = bwd_splits(row_blocks, col_tiles, rows, cols)
+        rb_per, ct_per = triton.cdiv(row_blocks, s_r), triton.cdiv(col_tiles, s_c)
+        s_r, s_c = triton.cdiv(row_blocks, rb_per), triton.cdiv(col_tiles, ct_per)
         f32 = dict(dtype=torch.float32, device=weight.device)
-        du_part = torch.empty((splits, rows, rank), **f32)
-        dp_part = torch.empty((row_blocks, rank, cols), **f32)
-        dw = torch.empty((rows, cols), dtype=weight.dtype, device=weight.device) if need_dw \
-            else du_part  # placeholder pointer, never written when NEED_DW is False
-        K.lie_bwd_kernel[(row_blocks, splits)](
-            g2, w2, u, p, dw, du_part, dp_part, rows, cols, rank, tiles_per_split,
-            *g2.stride(), *w2.stride(), *u.stride(), *p.stride(), float(scale),
+        du_part = torch.empty((s_c, rows, rank), **f32)
+        dp_part = torch.empty((s_r, rank, cols), **f32)
+        dw = empty_in_order(weight, perm) if need_dw else None
+        d2 = rows_view(dw, perm) if need_dw else du_part.view(rows, -1)  # unused pointer
+        K.lie_bwd_kernel[(s_r * s_c,)](
+            g2, w2, u, pm, d2, du_part, dp_part, rows, cols, rank, rb_per, ct_per, s_c,
+            *g2.stride(), *w2.stride(), *u.stride(), *pm.stride(), *d2.stride(), float(scale),
             ORDER=_order_const(order), DORDER=K.EXACT if order is None else order - 1,
-            NEED_DW=need_dw, RP=rp, BLOCK_R=br, BLOCK_C=bc, num_warps=warps)
-        # fixed-order sums of the partials: deterministic, no atomics
-        du, dp = du_part.sum(0).to(u.dtype), dp_part.sum(0).to(p.dtype)
-        return (dw.view(weight.shape) if need_dw else None), du, dp
+            NEED_DW=need_dw, RP=rp, BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c,
+            DOT=dot_mode(weight.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+        dp = torch.empty((rank, cols), dtype=p.dtype, device=p.device)
+        du_progs = triton.cdiv(du.numel(), REDUCE_BLOCK)
+        K.lie_reduce_kernel[(du_progs + triton.cdiv(dp.numel(), REDUCE_BLOCK),)](
+            du_part, du, du.numel(), s_c, du_progs, dp_part, dp, dp.numel(), s_r,
+            float(scale), BLOCK=REDUCE_BLOCK)
+        return dw, du, columns_from_order(dp, weight.shape, perm)
 
     def forward_many(self, weights, us, ps, order, scales):
         """All layers of one dtype in one launch of the grouped kernel."""
@@ -120,46 +240,74 @@ class TritonBackend(Backend):
         groups = {}
         for i, w in enumerate(weights):
             groups.setdefault(w.dtype, []).append(i)
-        for dtype, idx in groups.items():
+        for idx in groups.values():
             for i, out in zip(idx, self._grouped([weights[i] for i in idx],
                                                  [us[i] for i in idx], [ps[i] for i in idx],
                                                  order, [scales[i] for i in idx])):
                 outs[i] = out
         return outs
 
-    def _grouped(self, weights, us, ps, order, scales):
-        w2s = [unfold(w) for w in weights]
-        outs = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
-        rp = max(16, triton.next_power_of_2(max(u.shape[1] for u in us)))
-        br, bc, warps = _blocks(max(w.shape[0] for w in w2s), max(w.shape[1] for w in w2s), rp)
-        table, tiles = [], []
-        for w2, u, p, out in zip(w2s, us, ps, outs):
+    def _table(self, w2s, us, ps, scales, cfg, up_dtype) -> _Table:
+        """The launch table for these layers: cached on the device, keyed by what it
+        holds (W pointers, shapes, strides, scales), so later calls copy nothing to it."""
+        key = (cfg, up_dtype, tuple(scales), w2s[0].device,
+               tuple((w.data_ptr(), tuple(w.shape), w.stride(), tuple(u.shape))
+                     for w, u in zip(w2s, us)))
+        hit = self._tables.get(key)
+        if hit is not None:
+            self._tables.move_to_end(key)
+            return hit
+        dev = w2s[0].device
+        u_buf = torch.empty(sum(u.numel() for u in us), dtype=up_dtype, device=dev)
+        p_buf = torch.empty(sum(p.numel() for p in ps), dtype=up_dtype, device=dev)
+        table, counts, tiles, out_off, u_off, p_off = [], [], 0, 0, 0, 0
+        for w2, u, p in zip(w2s, us, ps):
             rows, cols = w2.shape
-            col_tiles = triton.cdiv(cols, bc)
-            table.append([w2.data_ptr(), u.data_ptr(), p.data_ptr(), out.data_ptr(), rows,
-                          cols, u.shape[1], *w2.stride(), *u.stride(), *p.stride(),
-                          col_tiles])
-            tiles.append(triton.cdiv(rows, br) * col_tiles)
-        dev = weights[0].device
-        counts = torch.tensor(tiles)
-        tile_layer = torch.repeat_interleave(torch.arange(len(tiles), dtype=torch.int32),
-                                             counts).to(dev)
-        tile_first = (torch.cumsum(counts, 0) - counts).to(torch.int32).to(dev)
-        K.lie_fwd_grouped_kernel[(int(counts.sum()),)](
-            torch.tensor(table, dtype=torch.int64).to(dev), tile_layer, tile_first,
-            torch.tensor(scales, dtype=torch.float32).to(dev),
-            DTYPE=_TL_DTYPES[weights[0].dtype], ORDER=_order_const(order), RP=rp,
-            BLOCK_R=br, BLOCK_C=bc,
-            DOT_FP32=_interpreting() or weights[0].dtype == torch.float32, num_warps=warps)
-        return outs
+            rank = u.shape[1]
+            col_tiles = triton.cdiv(cols, cfg.block_c)
+            n = triton.cdiv(rows, cfg.block_r) * col_tiles
+            table.append([w2.data_ptr(), u_buf.data_ptr() + u_off * u_buf.element_size(),
+                          p_buf.data_ptr() + p_off * p_buf.element_size(), out_off, rows,
+                          cols, rank, *w2.stride(), rank, 1, cols, 1, col_tiles, tiles])
+            counts.append(n)
+            tiles, out_off = tiles + n, out_off + w2.numel()
+            u_off, p_off = u_off + u.numel(), p_off + p.numel()
+        layer_of_tile = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32),
+                                                torch.tensor(counts))
+        entry = _Table(_to_device(torch.tensor(table, dtype=torch.int64), dev),
+                       _to_device(layer_of_tile, dev),
+                       _to_device(torch.tensor(scales, dtype=torch.float32), dev),
+                       u_buf, p_buf, tiles, out_off)
+        self._tables[key] = entry
+        if len(self._tables) > 16:
+            self._tables.popitem(last=False)
+        return entry
 
-    @staticmethod
-    def _column_splits(row_blocks: int, col_tiles: int, device: torch.device) -> int:
-        """Split the columns so that about 4 programs per SM are in flight on a GPU."""
-        if device.type != "cuda":
-            return 1
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(col_tiles, triton.cdiv(target, row_blocks)))
+    def _grouped(self, weights, us, ps, order, scales):
+        views = [self._views(w, p) for w, p in zip(weights, ps)]
+        w2s = [v[0] for v in views]
+        rp = rank_pad(max(u.shape[1] for u in us))
+        cfg = (_interp_config(max(w.shape[0] for w in w2s), max(w.shape[1] for w in w2s))
+               if _interpreting() else grouped_config(rp, _DTYPE_NAMES[weights[0].dtype]))
+        up_dtype = (torch.float32 if any(t.dtype == torch.float32 for t in (*us, *ps))
+                    else weights[0].dtype)
+        tab = self._table(w2s, us, ps, scales, cfg, up_dtype)
+        # this call's factors into the table's buffers: device-to-device, no sync
+        tab.u_buf.copy_(torch.cat([u.reshape(-1).to(up_dtype) for u in us]))
+        tab.p_buf.copy_(torch.cat([v[1].reshape(-1).to(up_dtype) for v in views]))
+        flat = torch.empty(tab.out_numel, dtype=weights[0].dtype, device=weights[0].device)
+        K.lie_fwd_grouped_kernel[(tab.tiles,)](
+            tab.table, tab.tile_layer, tab.scales, flat,
+            DTYPE=_TL_DTYPES[weights[0].dtype], UP_DTYPE=_TL_DTYPES[up_dtype],
+            ORDER=_order_const(order), RP=rp, BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c,
+            DOT=dot_mode(weights[0].dtype), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+        outs, off = [], 0
+        for w, (w2, _, perm) in zip(weights, views):
+            packed = flat[off:off + w2.numel()].view(w.shape[0], *[w.shape[d] for d in perm])
+            outs.append(packed.permute(0, *[1 + perm.index(d) for d in range(1, w.dim())]))
+            off += w2.numel()
+        return outs
 
 
 BACKEND = TritonBackend()

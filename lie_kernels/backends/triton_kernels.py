@@ -1,20 +1,32 @@
 """Triton kernels: W' = W + W ⊙ expm1_K(s·u@p) in one pass, and its fused backward.
 
-Both kernels work on the ``(R, M)`` unfolding of W (``R = C_out``) with any
-row/column strides, and hold the whole (padded) rank in one tile: ``u`` rows
-``(BLOCK_R, RP)`` and ``p`` columns ``(RP, BLOCK_C)`` feed one ``tl.dot``
-(``RP >= 16``, a power of two, padded with masked loads: ``tl.dot`` rejects
-an inner dimension below 16 when compiled for a GPU). Δ tiles live only in
-registers. The series uses the Horner nesting of ``lie_kernels/series.py``::
+All kernels work on an ``(R, M)`` view of W (``R = C_out``; columns in W's
+memory order, any row/column strides) and hold the whole (padded) rank in one
+tile: ``u`` rows ``(BLOCK_R, RP)`` and ``p`` columns ``(RP, BLOCK_C)`` feed one
+``tl.dot`` (``RP >= 16``, a power of two, padded with masked loads: ``tl.dot``
+rejects an inner dimension below 16 when compiled for a GPU). Δ tiles live
+only in registers. The series uses the Horner nesting of ``lie_kernels/series.py``::
 
     S_m(y) = 1 + y/m·(1 + y/(m+1)·( ... (1 + y/K))),  exp_K = S_1,  expm1_K = y·S_2
 
 ``ORDER`` is a compile-time constant; ``EXACT`` (-1) selects ``exp``.
+
+Rank contractions (``DOT``): ``DOT_16`` multiplies 16-bit operands (W's dtype)
+on tensor cores with fp32 accumulation; ``DOT_IEEE`` is plain fp32 FMA (fp32 W,
+and the interpreter, where bf16 dots are not emulated faithfully). Why not tf32
+for fp32 W: u@p with tf32-rounded operands (emulated in torch, 512×1024, r=16)
+has 3.2e-4 max relative error against fp64, above the 1e-4 fp32 budget (fp32
+FMA: 1.3e-7; 3xtf32: 1.1e-7), and the 3xtf32 split compiled to 255 registers
+with spills and up to 180 KB shared memory per block in this tile design.
+
+Offsets: every row/column index is widened to int64 before it meets a stride,
+so views whose offsets pass 2**31 elements are indexed exactly.
 """
 import triton
 import triton.language as tl
 
 EXACT = -1
+DOT_16, DOT_IEEE = 0, 1
 
 
 @triton.jit
@@ -53,114 +65,172 @@ def expm1_series(y, ORDER: tl.constexpr):
 
 
 @triton.jit
+def lie_map(w, y, ORDER: tl.constexpr):
+    """W + W·expm1_K(y), and exactly W where expm1_K(y) == 0 (so W = ±inf stays
+    ±inf at Δ = 0 instead of inf + inf·0 = NaN)."""
+    e = expm1_series(y, ORDER)
+    return tl.where(e == 0.0, w, w + w * e)
+
+
+@triton.jit
+def _offsets(rows, cols, s_r, s_c):
+    """int64 element offsets of a 2-D tile (row × stride can pass 2**31)."""
+    return rows.to(tl.int64)[:, None] * s_r + cols.to(tl.int64)[None, :] * s_c
+
+
+@triton.jit
 def _tile(ptr, rows, cols, rmask, cmask, s_r, s_c):
     """Masked load of a 2-D tile with arbitrary strides (zeros outside)."""
-    return tl.load(ptr + rows[:, None] * s_r + cols[None, :] * s_c,
+    return tl.load(ptr + _offsets(rows, cols, s_r, s_c),
                    mask=rmask[:, None] & cmask[None, :], other=0.0)
 
 
 @triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr):
-    """fp32 products with fp32 accumulation; fp32 inputs use IEEE (not tf32) precision."""
-    if DOT_FP32:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+def _dot(a, b, DOT: tl.constexpr, OP_TY: tl.constexpr):
+    """a @ b with fp32 accumulation; OP_TY is the 16-bit operand type for DOT_16."""
+    if DOT == 0:
+        acc = tl.dot(a.to(OP_TY), b.to(OP_TY), out_dtype=tl.float32)
     else:
-        acc = tl.dot(a, b, out_dtype=tl.float32)
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return acc
 
 
 @triton.jit
 def _fwd_tile(w_ptr, u_ptr, p_ptr, out_ptr, R, M, r, s_wr, s_wc, s_ur, s_uk, s_pk, s_pc,
-              scale, pid_r, pid_c, ORDER: tl.constexpr, RP: tl.constexpr,
-              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, DOT_FP32: tl.constexpr):
-    """One (BLOCK_R, BLOCK_C) tile of W' = W + W·expm1_K(scale·u@p), stored contiguously."""
+              s_or, s_oc, scale, pid_r, pid_c, ORDER: tl.constexpr, RP: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
+    """One (BLOCK_R, BLOCK_C) tile of W' = W + W·expm1_K(scale·u@p)."""
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    ks = tl.arange(0, RP)
-    rmask, cmask, kmask = rows < R, cols < M, ks < r
-    x = _dot(_tile(u_ptr, rows, ks, rmask, kmask, s_ur, s_uk),
-             _tile(p_ptr, ks, cols, kmask, cmask, s_pk, s_pc), DOT_FP32)
-    w = _tile(w_ptr, rows, cols, rmask, cmask, s_wr, s_wc).to(tl.float32)
-    out = w + w * expm1_series(scale * x, ORDER)
-    tl.store(out_ptr + rows[:, None] * M + cols[None, :], out.to(out_ptr.dtype.element_ty),
+    rmask, cmask = rows < R, cols < M
+    w = _tile(w_ptr, rows, cols, rmask, cmask, s_wr, s_wc)
+    if ORDER == 0:
+        out = w  # exp_0 = 1: W' = W bitwise, no contraction
+    else:
+        ks = tl.arange(0, RP)
+        kmask = ks < r
+        x = _dot(_tile(u_ptr, rows, ks, rmask, kmask, s_ur, s_uk),
+                 _tile(p_ptr, ks, cols, kmask, cmask, s_pk, s_pc), DOT,
+                 w_ptr.dtype.element_ty)
+        out = lie_map(w.to(tl.float32), scale * x, ORDER)
+    tl.store(out_ptr + _offsets(rows, cols, s_or, s_oc), out.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
 def lie_fwd_kernel(w_ptr, u_ptr, p_ptr, out_ptr, R, M, r,
-                   s_wr, s_wc, s_ur, s_uk, s_pk, s_pc, scale,
+                   s_wr, s_wc, s_ur, s_uk, s_pk, s_pc, s_or, s_oc, scale, col_tiles,
                    ORDER: tl.constexpr, RP: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_C: tl.constexpr, DOT_FP32: tl.constexpr):
+                   BLOCK_C: tl.constexpr, DOT: tl.constexpr):
+    """1-D grid of row_blocks × col_tiles programs (no 65535 limit on a grid axis)."""
+    pid = tl.program_id(0)
     _fwd_tile(w_ptr, u_ptr, p_ptr, out_ptr, R, M, r, s_wr, s_wc, s_ur, s_uk, s_pk, s_pc,
-              scale, tl.program_id(0), tl.program_id(1), ORDER, RP, BLOCK_R, BLOCK_C,
-              DOT_FP32)
+              s_or, s_oc, scale, pid // col_tiles, pid % col_tiles, ORDER, RP, BLOCK_R,
+              BLOCK_C, DOT)
 
 
-#: int64 columns of a grouped-launch table row (one row per layer)
+#: int64 columns of a grouped-launch table row (one row per layer); ``out`` is an
+#: element offset into the launch's output buffer, so the table outlives the outputs
 TABLE_COLS = ("w", "u", "p", "out", "R", "M", "r", "s_wr", "s_wc", "s_ur", "s_uk", "s_pk",
-              "s_pc", "col_tiles")
+              "s_pc", "col_tiles", "first_tile")
 
 
 @triton.jit
-def lie_fwd_grouped_kernel(table_ptr, tile_layer_ptr, tile_first_ptr, scale_ptr,
-                           DTYPE: tl.constexpr, ORDER: tl.constexpr, RP: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                           DOT_FP32: tl.constexpr):
+def lie_fwd_grouped_kernel(table_ptr, tile_layer_ptr, scale_ptr, out_ptr,
+                           DTYPE: tl.constexpr, UP_DTYPE: tl.constexpr, ORDER: tl.constexpr,
+                           RP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                           DOT: tl.constexpr):
     """Many layers' W' in one launch: program ``pid`` looks up its layer and tile.
 
-    ``tile_layer[pid]`` is the layer, ``tile_first[layer]`` its first program;
-    the layer's pointers, sizes and strides come from its ``table`` row
-    (columns ``TABLE_COLS``). Small layers stop being launch-bound.
+    ``tile_layer[pid]`` is the layer; the layer's pointers, sizes, strides and
+    first program come from its ``table`` row (columns ``TABLE_COLS``); its W'
+    is stored contiguously at ``out_ptr + table[layer].out``.
     """
     pid = tl.program_id(0)
     layer = tl.load(tile_layer_ptr + pid)
-    local = pid - tl.load(tile_first_ptr + layer)
-    row = table_ptr + layer * 14
+    row = table_ptr + layer * 15
     col_tiles = tl.load(row + 13)
+    local = pid - tl.load(row + 14)
+    M = tl.load(row + 5)
     _fwd_tile(tl.load(row + 0).to(tl.pointer_type(DTYPE)),
-              tl.load(row + 1).to(tl.pointer_type(DTYPE)),
-              tl.load(row + 2).to(tl.pointer_type(DTYPE)),
-              tl.load(row + 3).to(tl.pointer_type(DTYPE)),
-              tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7),
+              tl.load(row + 1).to(tl.pointer_type(UP_DTYPE)),
+              tl.load(row + 2).to(tl.pointer_type(UP_DTYPE)),
+              out_ptr + tl.load(row + 3),
+              tl.load(row + 4), M, tl.load(row + 6), tl.load(row + 7),
               tl.load(row + 8), tl.load(row + 9), tl.load(row + 10), tl.load(row + 11),
-              tl.load(row + 12), tl.load(scale_ptr + layer), local // col_tiles,
-              local % col_tiles, ORDER, RP, BLOCK_R, BLOCK_C, DOT_FP32)
+              tl.load(row + 12), M, 1, tl.load(scale_ptr + layer), local // col_tiles,
+              local % col_tiles, ORDER, RP, BLOCK_R, BLOCK_C, DOT)
 
 
 @triton.jit
 def lie_bwd_kernel(g_ptr, w_ptr, u_ptr, p_ptr, dw_ptr, du_part_ptr, dp_part_ptr,
-                   R, M, r, tiles_per_split,
-                   s_gr, s_gc, s_wr, s_wc, s_ur, s_uk, s_pk, s_pc, scale,
+                   R, M, r, row_blocks_per_split, col_tiles_per_split, col_splits,
+                   s_gr, s_gc, s_wr, s_wc, s_ur, s_uk, s_pk, s_pc, s_dr, s_dc, scale,
                    ORDER: tl.constexpr, DORDER: tl.constexpr, NEED_DW: tl.constexpr,
-                   RP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One program: a row block × a run of column tiles.
+                   RP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                   DOT: tl.constexpr):
+    """One program: a run of row blocks × a run of column tiles (fixed split counts).
 
-    t = g ⊙ W ⊙ exp_{K-1}(s·x) stays in registers; ``du`` accumulates over the
-    run and is stored once into ``du_part[split]``; ``dp`` partials go to
-    ``dp_part[row_block]``. The host sums the partials in a fixed order, so
-    the result is deterministic without atomics.
+    Per tile ``t = g ⊙ W ⊙ exp_{K-1}(s·x)`` stays in registers. ``dp`` of a
+    column tile accumulates in registers over the program's row run and is
+    stored once into ``dp_part[row_split]``; ``du`` of a row block accumulates
+    in the program's own rows of ``du_part[col_split]`` (a few KB, cache
+    resident, read-modify-written by this program only). A second kernel sums
+    the splits in a fixed order: deterministic, and the same on every GPU.
     """
-    pid_r, pid_s = tl.program_id(0), tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    pid = tl.program_id(0)
+    split_r, split_c = pid // col_splits, pid % col_splits
     ks = tl.arange(0, RP)
-    rmask, kmask = rows < R, ks < r
-    u = _tile(u_ptr, rows, ks, rmask, kmask, s_ur, s_uk).to(tl.float32)
-    du = tl.zeros((BLOCK_R, RP), dtype=tl.float32)
-    for t_i in range(tiles_per_split):
-        cols = (pid_s * tiles_per_split + t_i) * BLOCK_C + tl.arange(0, BLOCK_C)
+    kmask = ks < r
+    du_base = du_part_ptr + split_c.to(tl.int64) * R * r
+    dp_base = dp_part_ptr + split_r.to(tl.int64) * r * M
+    for ct in range(col_tiles_per_split):
+        cols = (split_c * col_tiles_per_split + ct) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < M
-        mask = rmask[:, None] & cmask[None, :]
-        p = _tile(p_ptr, ks, cols, kmask, cmask, s_pk, s_pc).to(tl.float32)
-        y = scale * _dot(u, p, True)
-        g = _tile(g_ptr, rows, cols, rmask, cmask, s_gr, s_gc).to(tl.float32)
-        w = _tile(w_ptr, rows, cols, rmask, cmask, s_wr, s_wc).to(tl.float32)
-        if NEED_DW:
-            tl.store(dw_ptr + rows[:, None] * M + cols[None, :],
-                     (g * exp_series(y, ORDER)).to(dw_ptr.dtype.element_ty), mask=mask)
-        t = g * w * exp_series(y, DORDER)
-        du += _dot(t, tl.trans(p), True)
-        dp = _dot(tl.trans(u), t, True)
-        tl.store(dp_part_ptr + pid_r * r * M + ks[:, None] * M + cols[None, :], dp * scale,
-                 mask=kmask[:, None] & cmask[None, :])
-    tl.store(du_part_ptr + pid_s * R * r + rows[:, None] * r + ks[None, :], du * scale,
-             mask=rmask[:, None] & kmask[None, :])
+        p = _tile(p_ptr, ks, cols, kmask, cmask, s_pk, s_pc)
+        dp = tl.zeros((RP, BLOCK_C), dtype=tl.float32)
+        for rb in range(row_blocks_per_split):
+            rows = (split_r * row_blocks_per_split + rb) * BLOCK_R + tl.arange(0, BLOCK_R)
+            rmask = rows < R
+            mask = rmask[:, None] & cmask[None, :]
+            u = _tile(u_ptr, rows, ks, rmask, kmask, s_ur, s_uk)
+            y = scale * _dot(u, p, DOT, w_ptr.dtype.element_ty)
+            g = _tile(g_ptr, rows, cols, rmask, cmask, s_gr, s_gc).to(tl.float32)
+            w = _tile(w_ptr, rows, cols, rmask, cmask, s_wr, s_wc).to(tl.float32)
+            if NEED_DW:
+                tl.store(dw_ptr + _offsets(rows, cols, s_dr, s_dc),
+                         (g * exp_series(y, ORDER)).to(dw_ptr.dtype.element_ty), mask=mask)
+            t = g * w * exp_series(y, DORDER)
+            dp += _dot(tl.trans(u), t, DOT, w_ptr.dtype.element_ty)
+            du_ptrs = du_base + _offsets(rows, ks, r, 1)
+            du_mask = rmask[:, None] & kmask[None, :]
+            du_old = tl.load(du_ptrs, mask=du_mask & (ct > 0), other=0.0)
+            tl.store(du_ptrs, du_old + _dot(t, tl.trans(p), DOT, w_ptr.dtype.element_ty),
+                     mask=du_mask)
+        tl.store(dp_base + _offsets(ks, cols, M, 1), dp, mask=kmask[:, None] & cmask[None, :])
+        # the next column tile reads back this program's du rows: make the stores visible
+        tl.debug_barrier()
+
+
+@triton.jit
+def _split_sum(part_ptr, out_ptr, n, splits, scale, pid, BLOCK: tl.constexpr):
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = part_ptr + offs
+    for _ in range(splits):  # fixed order: deterministic; 64-bit pointer steps
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += n
+    tl.store(out_ptr + offs, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def lie_reduce_kernel(du_part_ptr, du_ptr, n_du, du_splits, du_progs,
+                      dp_part_ptr, dp_ptr, n_dp, dp_splits, scale, BLOCK: tl.constexpr):
+    """du = scale·Σ_s du_part[s] and dp = scale·Σ_s dp_part[s], cast to the factors'
+    dtypes, in one launch (programs below ``du_progs`` do du)."""
+    pid = tl.program_id(0)
+    if pid < du_progs:
+        _split_sum(du_part_ptr, du_ptr, n_du, du_splits, scale, pid, BLOCK)
+    else:
+        _split_sum(dp_part_ptr, dp_ptr, n_dp, dp_splits, scale, pid - du_progs, BLOCK)

@@ -1,0 +1,164 @@
+"""Roofline model of the Triton kernels on an H200: what a GPU run should measure.
+
+For a weight W with ``R × M`` elements (the ``(C_out, M)`` unfolding), rank r
+(padded to ``rp``), element size ``e`` and order K, count what each launch
+really moves through HBM and the work it does, with the backend's own tile
+shapes and split counts (``triton_backend.fwd_config``/``bwd_config``/
+``bwd_splits``):
+
+    forward   reads W, u, p; writes W'                       (1 launch)
+              MMA 2·rp·R·M flops (16-bit W) or rp·R·M FMAs (fp32 W)
+    backward  reads g, W, u, p; writes dW when asked, and the fp32 partials
+              du_part (col_splits × R × r) and dp_part (row_splits × r × M),
+              which the reduce launch reads back; writes du, dp (2 launches)
+              three rank contractions: 3× the forward's work
+    elementwise fp32 FMAs: ~K+3 per element forward, ~2K+6 backward (exp: ~10)
+
+    time = max(bytes / BW, mma_flops / MMA_PEAK + fma / FMA_PEAK) + launches · LAUNCH
+
+The memory floor is ``2·R·M·e / BW`` forward and ``(2 or 3)·R·M·e / BW``
+backward (read g and W, write dW when asked). ``frac_floor = floor / time`` is
+what a measurement should approach; the sweep prints it beside the measured time.
+Factor tiles re-read by every row block are counted once (they sit in L2), as
+is the backward's du read-modify-write (each program's own few KB of rows).
+
+Constants: measured H200 copy bandwidth and bf16 MMA rate (DESIGN.md §4/§5);
+LAUNCH is an assumption (a Triton launch from Python, ~3 µs).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import Dict, Iterable, List, Optional
+
+BW = 4.3e12            # bytes/s, H200 copy bandwidth (read + write), measured
+MMA_PEAK = {"fp16": 790e12, "bf16": 790e12}   # flop/s, measured bf16 GEMM
+FMA_PEAK = 33.5e12     # fp32 FMA/s (67 TFLOP/s)
+LAUNCH = 3e-6          # s per launch (assumed)
+ESIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _rank_pad(r: int) -> int:
+    return max(16, 1 << (r - 1).bit_length())
+
+
+def _elementwise(order: Optional[int], backward: bool) -> int:
+    k = 10 if order is None else order
+    return 2 * k + 6 if backward else k + 3
+
+
+def predict(rows: int, cols: int, rank: int, dtype: str, order: Optional[int],
+            kernel: str, need_dw: bool = False, factor_dtype: Optional[str] = None) -> Dict:
+    """Bytes, work and predicted H200 time of one pass (``kernel``: "fwd" or "bwd")."""
+    from ..backends.triton_backend import bwd_config, bwd_splits, fwd_config
+    e, ef = ESIZE[dtype], ESIZE[factor_dtype or dtype]
+    n, rp = rows * cols, _rank_pad(rank)
+    factors = (rows * rank + rank * cols) * ef
+    if kernel == "fwd":
+        floor = 2 * n * e
+        moved, partial, launches, contractions = floor + factors, 0, 1, 1
+        cfg = fwd_config(rp, dtype)
+    else:
+        floor = (3 if need_dw else 2) * n * e
+        cfg = bwd_config(rp, dtype)
+        row_blocks, col_tiles = _cdiv(rows, cfg.block_r), _cdiv(cols, cfg.block_c)
+        s_r, s_c = bwd_splits(row_blocks, col_tiles, rows, cols)
+        rb_per, ct_per = _cdiv(row_blocks, s_r), _cdiv(col_tiles, s_c)
+        s_r, s_c = _cdiv(row_blocks, rb_per), _cdiv(col_tiles, ct_per)
+        partial = 4 * rank * (s_c * rows + s_r * cols)
+        # partials written once and read once by the reduce launch; du, dp written
+        moved = floor + factors + 2 * partial + factors
+        launches, contractions = 2, 3
+    if dtype == "fp32":  # FMA dots (see triton_kernels: why not tf32)
+        mma, fma = 0.0, contractions * rp * n
+    else:
+        mma, fma = contractions * 2 * rp * n, 0
+    fma += _elementwise(order, kernel == "bwd") * n
+    t_mem = moved / BW
+    t_compute = (mma / MMA_PEAK[dtype] if mma else 0.0) + fma / FMA_PEAK
+    time = max(t_mem, t_compute) + launches * LAUNCH
+    return dict(bytes=moved, floor_bytes=floor, bytes_x_floor=moved / floor,
+                partial_bytes=partial, partial_x_w=partial / (n * e), mma_flops=mma,
+                fma=fma, t_mem_us=t_mem * 1e6, t_compute_us=t_compute * 1e6,
+                launches=launches, time_us=time * 1e6,
+                floor_us=floor / BW * 1e6, frac_floor=floor / BW / time)
+
+
+def predict_mode(shape, rank: int, dtype: str, order: Optional[int], mode: str) -> Dict:
+    """A sweep point: ``mode`` "fwd" or "fwdbwd" (forward then backward, no dW)."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    fwd = predict(rows, cols, rank, dtype, order, "fwd")
+    if mode == "fwd":
+        return fwd
+    if order == 0:  # no backward kernel: the factors' gradients are zeros
+        return fwd
+    bwd = predict(rows, cols, rank, dtype, order, "bwd")
+    time = fwd["time_us"] + bwd["time_us"]
+    floor = fwd["floor_us"] + bwd["floor_us"]
+    return dict(bytes=fwd["bytes"] + bwd["bytes"],
+                bytes_x_floor=(fwd["bytes"] + bwd["bytes"]) /
+                (fwd["floor_bytes"] + bwd["floor_bytes"]),
+                time_us=time, floor_us=floor, frac_floor=floor / time,
+                fwd_frac=fwd["frac_floor"], bwd_frac=bwd["frac_floor"],
+                partial_x_w=bwd["partial_x_w"])
+
+
+def table(cases: Iterable, dtypes=("bf16", "fp16", "fp32"), orders=(1, 4, None)) -> List[Dict]:
+    """One row per (sweep case, dtype, order, pass) with the Triton kernels' prediction."""
+    out = []
+    for case in cases:
+        rows, cols = case.shape[0], math.prod(case.shape[1:])
+        for dtype in dtypes:
+            for order in orders:
+                for kernel in ("fwd", "bwd"):
+                    p = predict(rows, cols, case.rank, dtype, order, kernel)
+                    out.append(dict(case=case.name, shape="x".join(map(str, case.shape)),
+                                    rank=case.rank, dtype=dtype,
+                                    order="exact" if order is None else order, kernel=kernel,
+                                    MB=round(p["bytes"] / 1e6, 3),
+                                    x_floor=round(p["bytes_x_floor"], 3),
+                                    partial_x_W=round(p["partial_x_w"], 3),
+                                    mem_us=round(p["t_mem_us"], 2),
+                                    compute_us=round(p["t_compute_us"], 2),
+                                    pred_us=round(p["time_us"], 2),
+                                    floor_us=round(p["floor_us"], 2),
+                                    frac_floor=round(p["frac_floor"], 3)))
+    return out
+
+
+def format_rows(rows: List[Dict]) -> List[str]:
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
+    lines = ["  ".join(k.rjust(widths[k]) for k in keys)]
+    lines += ["  ".join(str(r[k]).rjust(widths[k]) for k in keys) for r in rows]
+    return lines
+
+
+def write_csv(rows: List[Dict], path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def run(out_dir: str, log=print, ranks: Optional[List[int]] = None) -> List[Dict]:
+    """Print the predicted table for the sweep shapes and write ``roofline.csv``."""
+    from .shapes import SWEEP
+    cases = [c._replace(rank=r) for c in SWEEP for r in (ranks or [c.rank])]
+    rows = table(cases)
+    log(f"# H200 roofline of the Triton kernels: BW {BW / 1e12} TB/s, bf16 MMA "
+        f"{MMA_PEAK['bf16'] / 1e12:.0f} TFLOP/s, fp32 FMA {FMA_PEAK / 1e12} T/s, "
+        f"launch {LAUNCH * 1e6:.0f} us (assumed)")
+    log("# x_floor: bytes moved / bytes floor; frac_floor: floor time / predicted time")
+    for line in format_rows(rows):
+        log(line)
+    path = os.path.join(out_dir, "roofline.csv")
+    write_csv(rows, path)
+    log(f"# wrote {path}")
+    return rows
