@@ -62,7 +62,20 @@ def _setup_context(ctx, inputs, output):
     ctx.order, ctx.scale, ctx.backend = order, scale, backend
 
 
+DOUBLE_BACKWARD = ("lie_kernels: the fused op has a first-order backward only; double "
+                   "backward (create_graph=True, higher-order grads) is not supported. For "
+                   "second derivatives use lie_kernels.reference.lie_weight_ref (plain autograd)")
+FORWARD_AD = ("lie_kernels: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is "
+              "not supported by the fused op; use lie_kernels.reference.lie_weight_ref")
+
+
+def _no_double_backward(*_):
+    raise NotImplementedError(DOUBLE_BACKWARD)
+
+
 def _backward(ctx, grad):
+    if torch.is_grad_enabled():  # backward itself is being recorded: create_graph=True
+        raise NotImplementedError(DOUBLE_BACKWARD)
     weight, u, p = ctx.saved_tensors
     need_dw = ctx.needs_input_grad[0]
     dw, du, dp = lie_gemm_backward(grad, weight, u, p, ctx.order, ctx.scale, ctx.backend,
@@ -71,6 +84,8 @@ def _backward(ctx, grad):
 
 
 lie_gemm.register_autograd(_backward, setup_context=_setup_context)
+lie_gemm_backward.register_autograd(_no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
 
 
 class _EagerLieGemm(torch.autograd.Function):
@@ -88,11 +103,17 @@ class _EagerLieGemm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True
+            raise NotImplementedError(DOUBLE_BACKWARD)
         weight, u, p = ctx.saved_tensors
         need_dw = ctx.needs_input_grad[0]
         dw, du, dp = ctx.backend.backward(grad, weight, u, p, _order(ctx.order), ctx.scale,
                                           need_dw)
         return dw, du, dp, None, None, None
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(FORWARD_AD)
 
 
 def apply(weight: Tensor, u: Tensor, p: Tensor, order: Optional[int], scale: float,

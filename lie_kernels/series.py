@@ -80,3 +80,47 @@ def expm1_series_(x: Tensor, order: int, buf: Optional[Tensor], scale: float = 1
     if order == 1:
         return x, scale
     return _nested(x, order, 2, buf, scale).mul_(x), scale
+
+
+# -- the group action on a stored weight, and its exact inverse (merge / unmerge) ---------
+
+def _ulp(w: Tensor) -> Tensor:
+    """Spacing of ``w``'s dtype at each entry of ``w``, in fp64 (subnormal spacing near 0)."""
+    fi = torch.finfo(w.dtype)
+    _, ex = torch.frexp(w.double())  # |w| = m·2^ex, 0.5 <= m < 1
+    return torch.ldexp(torch.full(w.shape, fi.eps, dtype=torch.float64, device=w.device),
+                       ex - 1).clamp_min(fi.tiny * fi.eps)
+
+
+def divide_out(merged: Tensor, e: Tensor) -> Tensor:
+    """``merged / e`` in ``e``'s (fp32/fp64) dtype, cast to ``merged``'s; zeros stay 0."""
+    restored = (merged.to(e.dtype) / e).to(merged.dtype)
+    return torch.where(merged == 0, merged, restored)
+
+
+def multiply_in(w: Tensor, e: Tensor, what: str = "exp_K(scale·Δ)", zero_hint: str = ""
+                ) -> Tensor:
+    """``W ⊙ e`` in ``e``'s dtype, cast to W's, refused unless ``divide_out`` gives W back.
+
+    Every entry is checked the way unmerge will compute it (cast to W's dtype, divide
+    by the same ``e``): it must come back within 1 ulp of W's dtype, inf and NaN
+    included. Entries that overflow to inf, underflow below the smallest normal number
+    or hit ``e == 0`` would be lost for good, so the merge is refused with their count.
+    """
+    merged = (w.to(e.dtype) * e).to(w.dtype)
+    back = divide_out(merged, e)
+    ok = (back == w) | (back.double() - w.double()).abs().le(_ulp(w)) | (w.isnan() & back.isnan())
+    if not bool(ok.all()):
+        bad = ~ok
+        fi = torch.finfo(w.dtype)
+        over = int((bad & merged.isinf()).sum())
+        zero = int((bad & (e == 0)).sum())
+        under = int((bad & (merged.abs() < fi.tiny) & (e != 0)).sum())
+        raise ValueError(
+            f"cannot merge exactly: {int(bad.sum())} of {w.numel()} entries of the {w.dtype} "
+            f"weight would not come back within 1 ulp on unmerge ({over} overflow to inf, "
+            f"{under} underflow below {fi.tiny:.3g}, {zero} where {what} is 0; it ranges over "
+            f"[{e.min().item():.4g}, {e.max().item():.4g}]). The weight is left unchanged; "
+            f"keep the layer unmerged, make the update smaller, or merge a float32 copy"
+            + (zero_hint if zero else ""))
+    return merged

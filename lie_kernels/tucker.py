@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ._validate import check_factor
+from .series import compute_dtype
 
 
 def mode_product(x: Tensor, u: Tensor, mode: int) -> Tensor:
@@ -37,6 +38,8 @@ def _check_tucker(core: Tensor, factors: Sequence[Optional[Tensor]],
     if not isinstance(core, Tensor) or not core.is_floating_point():
         raise TypeError(f"core must be a floating-point tensor, got "
                         f"{core.dtype if isinstance(core, Tensor) else type(core).__name__}")
+    if core.numel() == 0:
+        raise ValueError(f"core must have every rank >= 1, got shape {tuple(core.shape)}")
     if not isinstance(factors, (list, tuple)) or len(factors) != core.dim():
         got = len(factors) if isinstance(factors, (list, tuple)) else type(factors).__name__
         raise ValueError(f"factors must be a list with one entry (tensor or None) per core "
@@ -72,13 +75,20 @@ def tucker(core: Tensor, factors: Sequence[Optional[Tensor]]) -> Tensor:
 
 def tucker_to_gemm(weight: Tensor, core: Tensor, factors: Sequence[Optional[Tensor]]
                    ) -> Tuple[Tensor, Tensor]:
-    """``(u, p)`` with ``Δ_(1) = u @ p``, after checking core and factors against W."""
+    """``(u, p)`` with ``Δ_(1) = u @ p``, after checking core and factors against W.
+
+    For a 16-bit W, ``p`` is built (and differentiated) in fp32: a mode product of
+    16-bit factors can overflow (core 300 × U_2 300 = 9e4 > fp16's 65504) even when
+    Δ = U_1 @ P itself is small. ``u`` keeps W's dtype; backends take an fp32 ``p``.
+    """
+    check_factor("core", core, weight, fp32_ok=True)  # fp32 factors: 16-bit W only
     if core.dim() != weight.dim():
         raise ValueError(f"core must have one mode per weight dim: expected {weight.dim()} "
                          f"dims, got core shape {tuple(core.shape)}")
-    check_factor("core", core, weight)
     _check_tucker(core, factors, weight.shape)
-    p = _apply(core, [None, *factors[1:]]).reshape(core.shape[0], -1)
+    cd = compute_dtype(weight.dtype)
+    p = _apply(core.to(cd), [None, *(None if f is None else f.to(cd) for f in factors[1:])])
+    p = p.reshape(core.shape[0], -1)
     u = factors[0]
     if u is None:
         u = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)

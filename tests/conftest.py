@@ -18,6 +18,24 @@ import lie_kernels as lk  # noqa: E402  (after the environment is set)
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
+# Hypothesis: a bounded "ci" profile by default; `pytest --slow` selects "slow" (deep fuzzing).
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_FUZZ = dict(deadline=None, derandomize=True, print_blob=True,
+             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=40, **_FUZZ)
+settings.register_profile("slow", max_examples=2000, **{**_FUZZ, "derandomize": False})
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="deep runs: hypothesis profile 'slow' (thousands of fuzz examples), "
+                          "20 fresh processes for the thread-safety test")
+
+
+def pytest_configure(config):
+    settings.load_profile("slow" if config.getoption("--slow") else "ci")
+
 
 def backend_cases():
     """``(backend, device)`` for every registered backend on every device here.

@@ -9,6 +9,7 @@ take them raises an error that lists every reason.
 from __future__ import annotations
 
 import importlib
+import threading
 from typing import Dict, Optional, Tuple
 
 from torch import Tensor
@@ -17,15 +18,32 @@ from .base import Backend
 
 #: modules that each define ``BACKEND``; imported lazily, in this order
 _MODULES = ("torch_backend", "triton_backend", "cuda_backend")
-_REGISTRY: Dict[str, Backend] = {}
+_REGISTRY: Optional[Dict[str, Backend]] = None
+_REGISTRY_LOCK = threading.Lock()
+#: availability probes may load an extension or register ops on first call: one at a time
+_PROBE_LOCK = threading.RLock()
+
+
+def _availability(be: Backend) -> Tuple[bool, str]:
+    with _PROBE_LOCK:
+        return be.availability()
 
 
 def _registry() -> Dict[str, Backend]:
-    if not _REGISTRY:
-        for mod in _MODULES:
-            be = importlib.import_module(f"{__name__}.{mod}").BACKEND
-            _REGISTRY[be.name] = be
-    return _REGISTRY
+    """The name -> backend map, built once. Thread-safe first use: the map is built
+    whole under a lock and published only then, so no thread sees a partial one."""
+    global _REGISTRY
+    reg = _REGISTRY
+    if reg is None:
+        with _REGISTRY_LOCK:
+            if _REGISTRY is None:
+                built = {}
+                for mod in _MODULES:
+                    be = importlib.import_module(f"{__name__}.{mod}").BACKEND
+                    built[be.name] = be
+                _REGISTRY = built
+            reg = _REGISTRY
+    return reg
 
 
 def get_backend(name: str) -> Backend:
@@ -37,7 +55,7 @@ def get_backend(name: str) -> Backend:
 
 def available_backends() -> Dict[str, Tuple[bool, str]]:
     """``{name: (usable, reason)}`` for every known backend."""
-    return {name: be.availability() for name, be in _registry().items()}
+    return {name: _availability(be) for name, be in _registry().items()}
 
 
 def select_backend(name: str, weight: Tensor, u: Tensor, p: Tensor,
@@ -46,7 +64,7 @@ def select_backend(name: str, weight: Tensor, u: Tensor, p: Tensor,
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
     if name != "auto":
         be = get_backend(name)
-        usable, why = be.availability()
+        usable, why = _availability(be)
         reasons = [why] if not usable else be.not_supported_reasons(weight, u, p, order)
         if reasons:
             raise RuntimeError(f"backend {name!r} cannot take these inputs: "
@@ -57,6 +75,6 @@ def select_backend(name: str, weight: Tensor, u: Tensor, p: Tensor,
         prio = be.auto_priority(weight)
         if prio is None or (best_prio is not None and prio <= best_prio):
             continue
-        if be.availability()[0] and not be.not_supported_reasons(weight, u, p, order):
+        if _availability(be)[0] and not be.not_supported_reasons(weight, u, p, order):
             best, best_prio = be, prio
     return best
