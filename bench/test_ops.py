@@ -46,3 +46,17 @@ def test_lowrank_order1_vs_hira(benchmark, case, method):
         w, a, b, order=order, scale=s, backend=method))
     benchmark.group = f"{case.name} lowrank order=1"
     benchmark(_fwdbwd(fn, w, args, 1, g))
+
+
+@pytest.mark.parametrize("method", ["PEFT LoRA", "PEFT HiRA + patch_hira", "LieRA order=1",
+                                    "LieRA order=exact", "full fine-tune"])
+@pytest.mark.parametrize("model_name", ["resnet18", "convnext", "llama-qv", "llama-all"])
+def test_train_step(benchmark, model_name, method):
+    """One AdamW step of a real model (``python -m lie_kernels.bench train``'s rows, in this
+    process: time only; the CLI measures memory in fresh processes)."""
+    from lie_kernels.bench import train
+    s = train.SETTINGS["quick"]
+    model, x, loss_fn, targets = train.build(model_name, s["batch"], s["size"], s["seq"], DEVICE)
+    step = train.stepper(train.adapt(model, method, targets, rank=16), x, loss_fn)
+    benchmark.group = f"train step {model_name}"
+    benchmark(lambda: (step(), DEVICE == "cuda" and torch.cuda.synchronize()))

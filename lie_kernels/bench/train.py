@@ -1,140 +1,262 @@
-"""One optimizer step of a small ConvNeXt-style net: LieRA orders vs LoRA vs full FT.
+"""One AdamW training step of real models: LieRA orders vs PEFT LoRA, PEFT HiRA and full FT.
 
-The paper measured the exact exp at +52% step time and +48% memory over order 1
-(ConvNeXt-V2-B); this reports the same two ratios for our kernels.
+Models come from their own libraries with random weights (nothing is downloaded):
+
+* ``resnet18``: torchvision ResNet-18, every Conv2d adapted;
+* ``convnext``: timm ConvNeXt-atto, the depthwise 7x7 convs and the Linear MLPs adapted;
+* ``llama-qv`` / ``llama-all``: transformers Llama from a small config (hidden 512,
+  4 layers), adapting q_proj/v_proj (PEFT's MetaMathQA setting) or every linear layer.
+
+Every method gets the same rank and targets. Each (model, method) runs in a fresh
+process: median step time after a warm-up step, and peak memory above the process's
+memory right before the first step (CPU: peak RSS, reset through
+``/proc/self/clear_refs``; CUDA: ``max_memory_allocated``), which includes the AdamW
+state. Both are also given as ratios to PEFT LoRA. Output: table, CSV and PNG.
 """
 from __future__ import annotations
 
-import copy
+import csv
+import gc
+import json
+import os
+import statistics
 import subprocess
 import sys
+import time
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-import lie_kernels as lk
-
 from . import measure
 
+MODELS = ["resnet18", "convnext", "llama-qv", "llama-all"]
+METHODS = ["PEFT LoRA", "PEFT HiRA", "PEFT HiRA + patch_hira", "LieRA order=1",
+           "LieRA order=4", "LieRA order=exact", "full fine-tune"]
+REFERENCE = "PEFT LoRA"
+#: command-line keys of the methods
+METHOD_KEYS = dict(zip(["lora", "hira", "hira-patched", "liera1", "liera4", "liera-exact",
+                        "full"], METHODS))
+LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-class Block(nn.Module):
-    """ConvNeXt block: depthwise 7x7, LayerNorm (as GroupNorm(1)), 1x1 MLP, residual."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
-        self.norm = nn.GroupNorm(1, dim)
-        self.pw1 = nn.Conv2d(dim, 4 * dim, 1)
-        self.pw2 = nn.Conv2d(4 * dim, dim, 1)
-
-    def forward(self, x):
-        return x + self.pw2(F.gelu(self.pw1(self.norm(self.dw(x)))))
-
-
-class ConvNeXtTiny(nn.Module):
-    def __init__(self, dims=(64, 128, 256), depth=2, classes=100):
-        super().__init__()
-        layers, c_in = [nn.Conv2d(3, dims[0], 4, stride=4)], dims[0]
-        for i, d in enumerate(dims):
-            if i:
-                layers += [nn.GroupNorm(1, c_in), nn.Conv2d(c_in, d, 2, stride=2)]
-            layers += [Block(d) for _ in range(depth)]
-            c_in = d
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(c_in, classes)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean((2, 3)))
+#: (batch, image size, sequence length, timed steps): full run / --quick (CI)
+SETTINGS = {"full": dict(batch=8, size=96, seq=256, steps=6),
+            "quick": dict(batch=2, size=32, seq=32, steps=1)}
+#: --quick is a smoke test of the command (3 fresh processes), not a measurement
+QUICK_MODELS = ["resnet18"]
+QUICK_METHODS = [REFERENCE, "PEFT HiRA + patch_hira", "LieRA order=exact"]
 
 
-class LoRAConv(nn.Module):
-    """LoRA-style conv adapter: ``W + s·(B @ A).view(W.shape)``, plain PyTorch."""
+# -- models -----------------------------------------------------------------------------
+def build(model_name: str, batch: int, size: int, seq: int, device: str):
+    """``(model, inputs, loss_fn, target module names)`` with random weights."""
+    torch.manual_seed(0)
+    if model_name == "resnet18":
+        import torchvision
+        model = torchvision.models.resnet18(num_classes=100)
+        targets = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    elif model_name == "convnext":
+        import timm
+        model = timm.create_model("convnext_atto", pretrained=False, num_classes=100)
+        targets = [n for n, m in model.named_modules()
+                   if n.endswith(("conv_dw", "mlp.fc1", "mlp.fc2"))]
+    elif model_name.startswith("llama"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+        cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1376,
+                          num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                          max_position_embeddings=max(seq, 64))
+        model = LlamaForCausalLM(cfg)
+        names = ["q_proj", "v_proj"] if model_name == "llama-qv" else LLAMA_ALL
+        targets = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names]
+    else:
+        raise ValueError(f"model must be one of {MODELS}, got {model_name!r}")
+    model = model.to(device)
+    if model_name.startswith("llama"):
+        ids = torch.randint(0, 4096, (batch, seq), device=device)
+        return model, ids, (lambda m, x: m(input_ids=x, labels=x).loss), targets
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 100, (batch,), device=device)
+    return model, x, (lambda m, inp: F.cross_entropy(m(inp), y)), targets
 
-    def __init__(self, conv: nn.Conv2d, rank: int = 8):
-        super().__init__()
-        self.conv = conv.requires_grad_(False)
-        w = conv.weight
-        self.a = nn.Parameter(torch.randn(rank, w[0].numel(), device=w.device) / w[0].numel() ** 0.5)
-        self.b = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device))
 
-    def forward(self, x):
-        w = self.conv.weight + (self.b @ self.a).view(self.conv.weight.shape)
-        return self.conv._conv_forward(x, w, self.conv.bias)
-
-
-def _lora(model: nn.Module) -> nn.Module:
-    model.requires_grad_(False)
-    for name, mod in list(model.named_modules()):
-        for cname, child in list(mod.named_children()):
-            if isinstance(child, nn.Conv2d):
-                setattr(mod, cname, LoRAConv(child))
-    model.head.requires_grad_(True)
+def adapt(model: nn.Module, method: str, targets: List[str], rank: int) -> nn.Module:
+    """``model`` with ``method``'s trainable parameters (same rank and targets for all)."""
+    if method == "full fine-tune":
+        return model.requires_grad_(True)
+    if method.startswith("LieRA"):
+        import lie_kernels as lk
+        order = method.split("=")[1]
+        return lk.inject(model, target_modules=targets, rank=rank, alpha=rank,
+                         order=None if order == "exact" else int(order))
+    import peft
+    # PEFT 0.21 refuses grouped convs (LoRA: rank must be a multiple of groups; HiRA:
+    # groups > 1 unsupported): for ConvNeXt its methods skip the depthwise 7x7 convs,
+    # so their rows adapt fewer layers than LieRA's (the "targets" column)
+    targets = [t for t in targets if getattr(model.get_submodule(t), "groups", 1) == 1]
+    if method == REFERENCE:
+        cfg = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets)
+    else:
+        cfg = peft.HiraConfig(r=rank, target_modules=targets)
+    model = peft.get_peft_model(model, cfg)
+    if method.endswith("patch_hira"):
+        from lie_kernels.integrations.peft import patch_hira
+        patch_hira(model)
     return model
 
 
-def configs(base: nn.Module):
-    """(label, model) pairs; LieRA adapts every conv with Tucker rank 8."""
-    yield "full fine-tune", copy.deepcopy(base).requires_grad_(True)
-    yield "LoRA conv r=8", _lora(copy.deepcopy(base))
-    for order in (1, 4, None):
-        m = lk.inject(copy.deepcopy(base), target_modules=[nn.Conv2d], rank=8, order=order)
-        yield f"LieRA order={'exact' if order is None else order}", m
-
-
-def _setup(device: str, batch: int, size: int):
-    torch.manual_seed(0)
-    base = ConvNeXtTiny().to(device)
-    x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, 100, (batch,), device=device)
-    return base, x, y
-
-
-def _stepper(model, x, y):
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+def stepper(model: nn.Module, inputs, loss_fn):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        loss_fn(model, inputs).backward()
         opt.step()
     return step
 
 
-def _cpu_peak(index: int, batch: int, size: int) -> float:
-    """Peak RSS of one step in a fresh process (above its RSS once model and data exist):
-    in this process freed heap pages would hide the step's allocations."""
-    out = subprocess.run([sys.executable, "-m", "lie_kernels.bench.train", str(index),
-                          str(batch), str(size)], capture_output=True, text=True, check=True)
-    return float(out.stdout.split()[-1])
+# -- one (model, method) in this process --------------------------------------------------
+def _reset_cpu_peak() -> bool:
+    try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
-def run(device: str, log=print, batch: int = None, size: int = 64):
-    batch = batch or (64 if device == "cuda" else 8)
-    base, x, y = _setup(device, batch, size)
-    log(f"# training step: ConvNeXt-style net, batch {batch}, {size}x{size}, SGD, {device}"
-        + ("; CPU peak memory from a fresh process per config" if device == "cpu" else ""))
-    log(f"{'config':<20}{'trainable':>11}{'step ms':>10}{'peak MiB':>10}"
-        f"{'time/ord1':>10}{'mem/ord1':>10}")
+def _adapted_layers(model: nn.Module) -> int:
+    import lie_kernels as lk
+    peft_types = ()
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        peft_types = (BaseTunerLayer,)
+    except ImportError:
+        pass
+    return sum(isinstance(m, (lk.nn.LieLayer, *peft_types)) for m in model.modules())
+
+
+def measure_one(model_name: str, method: str, device: str, rank: int, batch: int, size: int,
+                seq: int, steps: int) -> Dict:
+    model, inputs, loss_fn, targets = build(model_name, batch, size, seq, device)
+    model = adapt(model, method, targets, rank)
+    adapted = len(targets) if method == "full fine-tune" else _adapted_layers(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    step = stepper(model, inputs, loss_fn)
+    import lie_kernels as lk
+    lk.available_backends()  # the backend probe imports triton (~75 MiB RSS): an import
+    gc.collect()             # cost, not a step cost; paid here by every method alike
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_cpu_peak()
+        base = measure._status_mib("VmRSS")
+    times = []
+    for i in range(steps + 1):  # step 0 warms up (and allocates the AdamW state)
+        measure.sync(device)
+        t0 = time.perf_counter()
+        step()
+        measure.sync(device)
+        if i:
+            times.append((time.perf_counter() - t0) * 1e3)
+    if device == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    else:
+        peak = measure._status_mib("VmHWM") - base
+    return dict(model=model_name, method=method, targets=adapted, trainable=trainable,
+                ms=statistics.median(times), peak_mib=peak)
+
+
+def _fresh(model_name: str, method: str, device: str, rank: int, s: Dict) -> Dict:
+    args = [sys.executable, "-m", "lie_kernels.bench.train", model_name, method, device,
+            str(rank), *(str(s[k]) for k in ("batch", "size", "seq", "steps"))]
+    out = subprocess.run(args, capture_output=True, text=True)
+    if out.returncode:
+        err = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return dict(model=model_name, method=method, error=err[:200])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- the benchmark ------------------------------------------------------------------------
+COLUMNS = ["model", "method", "targets", "trainable", "ms", "peak_mib", "time_vs_lora",
+           "mem_vs_lora", "error"]
+
+
+def run(device: str, log=print, models: Optional[List[str]] = None,
+        methods: Optional[List[str]] = None, rank: int = 16, quick: bool = False,
+        out: Optional[str] = None) -> List[Dict]:
+    s = SETTINGS["quick" if quick else "full"]
+    models = models or (QUICK_MODELS if quick else MODELS)
+    methods = methods or (QUICK_METHODS if quick else METHODS)
+    log(f"# training step, AdamW, rank {rank}, {device}; images: batch {s['batch']} at "
+        f"{s['size']}x{s['size']}, Llama: batch {s['batch']} x {s['seq']} tokens; median of "
+        f"{s['steps']} steps after 1 warm-up; peak = "
+        + ("max_memory_allocated" if device == "cuda" else "peak RSS")
+        + " above the pre-step baseline; one fresh process per row")
     rows = []
-    for i, (label, model) in enumerate(configs(base)):
-        step = _stepper(model, x, y)
-        ms = measure.median_ms(step, device, reps=5)
-        peak = (measure.peak_mib(step, device) if device == "cuda"
-                else _cpu_peak(i, batch, size))
-        rows.append(dict(config=label, trainable=lk.trainable_parameters(model)[0], ms=ms,
-                         peak=peak))
-    ref = next(r for r in rows if r["config"] == "LieRA order=1")
+    for m in models:
+        for meth in methods:
+            rows.append(_fresh(m, meth, device, rank, s))
+    for m in models:
+        ref = next((r for r in rows if r["model"] == m and r["method"] == REFERENCE
+                    and "error" not in r), None)
+        for r in rows:
+            if r["model"] == m and "error" not in r and ref is not None:
+                r["time_vs_lora"] = r["ms"] / ref["ms"]
+                r["mem_vs_lora"] = r["peak_mib"] / max(ref["peak_mib"], 1e-9)
+    log(f"{'model':<10}{'method':<24}{'targets':>8}{'trainable':>11}{'step ms':>10}"
+        f"{'peak MiB':>10}{'time/LoRA':>11}{'mem/LoRA':>10}")
     for r in rows:
-        log(f"{r['config']:<20}{r['trainable']:>11}{r['ms']:>10.2f}{r['peak']:>10.1f}"
-            f"{r['ms'] / ref['ms']:>10.2f}{r['peak'] / ref['peak']:>10.2f}")
+        if "error" in r:
+            log(f"{r['model']:<10}{r['method']:<24}  failed: {r['error']}")
+            continue
+        tl, ml = r.get("time_vs_lora"), r.get("mem_vs_lora")
+        log(f"{r['model']:<10}{r['method']:<24}{r['targets']:>8}{r['trainable']:>11}{r['ms']:>10.1f}"
+            f"{r['peak_mib']:>10.1f}{'-' if tl is None else f'{tl:.2f}':>11}"
+            f"{'-' if ml is None else f'{ml:.2f}':>10}")
+    if out:
+        write_csv(rows, os.path.join(out, "train.csv"))
+        plot(rows, os.path.join(out, "train.png"))
+        log(f"# wrote {os.path.join(out, 'train.csv')} and train.png")
     return rows
 
 
-if __name__ == "__main__":
-    idx, bsz, sz = map(int, sys.argv[1:4])
-    model_base, xs, ys = _setup("cpu", bsz, sz)
-    model = list(configs(model_base))[idx][1]
-    one_step = _stepper(model, xs, ys)
-    start = measure._status_mib("VmRSS")
-    one_step()
-    print(measure._status_mib("VmHWM") - start)
+def write_csv(rows: List[Dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        wr.writeheader()
+        wr.writerows(rows)
+
+
+def plot(rows: List[Dict], path: str) -> None:
+    """Step time and peak memory as ratios to PEFT LoRA, one group of bars per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "time_vs_lora" in r]
+    models = list(dict.fromkeys(r["model"] for r in ok))
+    methods = list(dict.fromkeys(r["method"] for r in ok))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=False)
+    width = 0.8 / max(len(methods), 1)
+    for ax, key, title in zip(axes, ("time_vs_lora", "mem_vs_lora"),
+                              ("step time / PEFT LoRA", "peak memory / PEFT LoRA")):
+        for j, meth in enumerate(methods):
+            vals = [next((r[key] for r in ok if r["model"] == m and r["method"] == meth),
+                         float("nan")) for m in models]
+            ax.bar([i + j * width for i in range(len(models))], vals, width, label=meth)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))], models)
+        ax.set_title(title)
+    axes[1].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # the fresh process of one row
+    name, meth, dev, r, *ints = sys.argv[1:]
+    b, sz, sq, n = map(int, ints)
+    print(json.dumps(measure_one(name, meth, dev, int(r), b, sz, sq, n)))

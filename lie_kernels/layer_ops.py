@@ -1,0 +1,285 @@
+"""A whole Lie layer as one autograd node: ``y = conv/linear(x, W')``, ``W' = W ⊙ exp_K(s·u@p)``.
+
+Chaining the weight op (``ops.py``) with ``F.conv2d``/``F.linear`` makes the
+conv/linear node save W' for its input gradient: one W-sized tensor per adapted
+layer stays alive from forward to backward. Here the layer is one node that
+saves what the frozen base layer needs (x) plus W and the factors::
+
+    forward:  W' = backend.forward(W, u, p)      y = conv(x, W') + bias      (W' freed)
+    backward: W' = backend.forward(W, u, p)      dx = conv_input_grad(g_y, W') (W' freed)
+              G  = dL/dW' = conv_weight_grad(g_y, x)   (Linear: g_yᵀ x)
+              du, dp, dW = backend.backward(G, W, u, p)                     (G freed)
+
+so at most one W-sized temporary is alive at a time. For Linear the last two
+lines are one call, ``backend.linear_backward(g_y, x, ...)``: the seam where a
+backend may fuse ``g_yᵀ x`` with the Lie backward so G is never written (no
+backend does yet; the default forms G).
+
+Recomputing W' costs one more fused forward per layer; for layers below
+``FUSE_MIN_NUMEL`` weight elements that is not worth the few KiB it saves, and
+``lie_layer`` chains the weight op with the plain conv/linear instead.
+
+As in ``ops.py``: ``torch.compile`` sees ``lie_kernels::lie_linear`` /
+``lie_kernels::lie_conv`` (custom ops with fakes and an autograd formula, no
+graph breaks); eager mode runs the same math through a lean autograd.Function.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from . import ops
+from .backends import Backend
+from .ops import DOUBLE_BACKWARD, EXACT, FORWARD_AD, _backend, _no_double_backward, _order
+
+#: Weights with fewer elements take the two-node path (W' saved by conv/linear).
+#: Rebuilding W' in backward costs one more backend forward per layer, a fixed few
+#: launches that dominate for small weights, while saving W' costs numel·dtype
+#: bytes: below 2^16 elements (256 KiB in fp32; ConvNeXt's depthwise 7x7 convs,
+#: ResNet's stem and first-stage convs) the memory saved is not worth the time.
+FUSE_MIN_NUMEL = 1 << 16
+
+
+# -- the math, shared by the custom ops and the eager Function ----------------------
+def _conv(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups):
+    nd = w.dim() - 2
+    return torch.ops.aten.convolution(x, w, bias, stride, padding, dilation, False,
+                                      [0] * nd, groups)
+
+
+def _forward(x, weight, bias, u, p, order, scale, be: Backend, conv):
+    """``y``; ``conv`` is ``(stride, padding, dilation, groups)`` or None for Linear."""
+    w1 = be.forward(weight, u, p, _order(order), scale)
+    if conv is None:
+        return F.linear(x, w1, bias)
+    return _conv(x, w1, bias, *conv)
+
+
+def _backward(grad_y, x, weight, u, p, order, scale, be: Backend, conv,
+              need_x: bool, need_w: bool, need_b: bool, need_lie: bool):
+    """``(dx, dW, dbias, du, dp)``, None where not asked for; W' and dL/dW' live one at a time."""
+    k = _order(order)
+    gx = gb = gw = du = dp = None
+    if conv is None:
+        g2, x2 = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
+        if need_x:
+            w1 = be.forward(weight, u, p, k, scale)
+            gx = g2.mm(w1).view(x.shape)
+            del w1
+        if need_b:
+            gb = g2.sum(0)
+        if need_w or need_lie:
+            gw, du, dp = be.linear_backward(g2, x2, weight, u, p, k, scale, need_w)
+        return gx, gw, gb, du, dp
+    stride, padding, dilation, groups = conv
+    args = (stride, padding, dilation, False, [0] * (weight.dim() - 2), groups)
+    bias_sizes = [weight.shape[0]] if need_b else None
+    if need_x or need_b:
+        # the weight's values matter for dx only: for dbias alone W stands in for W'
+        w1 = be.forward(weight, u, p, k, scale) if need_x else weight
+        gx, _, gb = torch.ops.aten.convolution_backward(
+            grad_y, x, w1, bias_sizes, *args, [need_x, False, need_b])
+        del w1
+    if need_w or need_lie:
+        # dL/dW' = conv_weight_grad(g_y, x) reads only W's shape, not W' itself
+        _, g, _ = torch.ops.aten.convolution_backward(grad_y, x, weight, None, *args,
+                                                      [False, True, False])
+        gw, du, dp = be.backward(g, weight, u, p, k, scale, need_w)
+        del g
+    return gx, gw, gb, du, dp
+
+
+def _needs(needs_input_grad) -> Tuple[bool, bool, bool, bool]:
+    nx, nw, nb, nu, np_ = needs_input_grad[:5]
+    return nx, nw, nb, nu or np_
+
+
+# -- torch.library custom ops (what torch.compile sees) -------------------------------
+def _empty_or(t: Optional[Tensor], like: Tensor) -> Tensor:
+    # a custom op cannot return None: an empty tensor stands for "not asked for"
+    return like.new_empty(0) if t is None else t
+
+
+@torch.library.custom_op("lie_kernels::lie_linear", mutates_args=())
+def lie_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], u: Tensor, p: Tensor,
+               order: int, scale: float, backend: str) -> Tensor:
+    be = _backend(backend, weight, u, p, order)
+    return _forward(x, weight, bias, u, p, order, scale, be, None)
+
+
+@lie_linear.register_fake
+def _(x, weight, bias, u, p, order, scale, backend):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("lie_kernels::lie_conv", mutates_args=())
+def lie_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], u: Tensor, p: Tensor,
+             order: int, scale: float, backend: str, stride: List[int], padding: List[int],
+             dilation: List[int], groups: int) -> Tensor:
+    be = _backend(backend, weight, u, p, order)
+    return _forward(x, weight, bias, u, p, order, scale, be, (stride, padding, dilation, groups))
+
+
+@lie_conv.register_fake
+def _(x, weight, bias, u, p, order, scale, backend, stride, padding, dilation, groups):
+    return _conv(x, weight, bias, stride, padding, dilation, groups)  # shapes only
+
+
+_BWD_RESULT = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+@torch.library.custom_op("lie_kernels::lie_linear_backward", mutates_args=())
+def lie_linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, u: Tensor, p: Tensor,
+                        order: int, scale: float, backend: str, needs: List[bool]
+                        ) -> _BWD_RESULT:
+    be = _backend(backend, weight, u, p, order)
+    out = _backward(grad_y, x, weight, u, p, order, scale, be, None, *needs)
+    return tuple(_empty_or(t, x) for t in out)
+
+
+@torch.library.custom_op("lie_kernels::lie_conv_backward", mutates_args=())
+def lie_conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, u: Tensor, p: Tensor,
+                      order: int, scale: float, backend: str, stride: List[int],
+                      padding: List[int], dilation: List[int], groups: int, needs: List[bool]
+                      ) -> _BWD_RESULT:
+    be = _backend(backend, weight, u, p, order)
+    out = _backward(grad_y, x, weight, u, p, order, scale, be,
+                    (stride, padding, dilation, groups), *needs)
+    return tuple(_empty_or(t, x) for t in out)
+
+
+def _fake_backward(grad_y, x, weight, u, p, needs):
+    need_x, need_w, need_b, need_lie = needs
+
+    def like(t, need):
+        return t.new_empty(t.shape if need else (0,))
+    return (like(x, need_x), like(weight, need_w), x.new_empty((weight.shape[0],) if need_b
+                                                              else (0,)),
+            like(u, need_lie), like(p, need_lie))
+
+
+@lie_linear_backward.register_fake
+def _(grad_y, x, weight, u, p, order, scale, backend, needs):
+    return _fake_backward(grad_y, x, weight, u, p, needs)
+
+
+@lie_conv_backward.register_fake
+def _(grad_y, x, weight, u, p, order, scale, backend, stride, padding, dilation, groups,
+      needs):
+    return _fake_backward(grad_y, x, weight, u, p, needs)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, u, p, order, scale, backend, *conv = inputs
+    ctx.save_for_backward(x, weight, u, p)
+    ctx.order, ctx.scale, ctx.backend, ctx.conv = order, scale, backend, conv
+
+
+def _grads(ctx, out):
+    return tuple(t if need else None for t, need in zip(out, ctx.needs_input_grad))
+
+
+def _op_backward(ctx, grad_y):
+    if torch.is_grad_enabled():  # create_graph=True
+        raise NotImplementedError(DOUBLE_BACKWARD)
+    x, weight, u, p = ctx.saved_tensors
+    needs = list(_needs(ctx.needs_input_grad))
+    if ctx.conv:
+        out = lie_conv_backward(grad_y, x, weight, u, p, ctx.order, ctx.scale, ctx.backend,
+                                *ctx.conv, needs)
+    else:
+        out = lie_linear_backward(grad_y, x, weight, u, p, ctx.order, ctx.scale, ctx.backend,
+                                  needs)
+    return _grads(ctx, out) + (None,) * (3 + len(ctx.conv))
+
+
+for _op in (lie_linear, lie_conv):
+    _op.register_autograd(_op_backward, setup_context=_setup_context)
+for _op in (lie_linear_backward, lie_conv_backward):
+    _op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# -- eager: the same math without the dispatcher ---------------------------------------
+class _EagerLieLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, u, p, order, scale, be: Backend, conv):
+        ctx.save_for_backward(x, weight, u, p)
+        ctx.order, ctx.scale, ctx.be, ctx.conv = order, scale, be, conv
+        return _forward(x, weight, bias, u, p, order, scale, be, conv)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if torch.is_grad_enabled():  # create_graph=True
+            raise NotImplementedError(DOUBLE_BACKWARD)
+        x, weight, u, p = ctx.saved_tensors
+        needs = _needs(ctx.needs_input_grad)
+        out = _backward(grad_y, x, weight, u, p, ctx.order, ctx.scale, ctx.be, ctx.conv,
+                        *needs)
+        return _grads(ctx, out) + (None,) * 4
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(FORWARD_AD)
+
+
+# -- entry point -----------------------------------------------------------------------
+def fusable(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``lie_layer`` runs the one-node path for these inputs.
+
+    Autocast and mixed input/weight dtypes keep the two-node path: there F.conv/F.linear
+    apply the autocast casts the user expects.
+    """
+    return (weight.numel() >= FUSE_MIN_NUMEL and x.dtype == weight.dtype
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+def lie_layer(x: Tensor, weight: Tensor, bias: Optional[Tensor], u: Tensor, p: Tensor,
+              order: Optional[int], scale: float, backend: str,
+              conv: Optional[Sequence] = None) -> Tensor:
+    """``conv/linear(x, W ⊙ exp_K(scale · (u @ p).view(W.shape)), bias)`` for checked inputs.
+
+    ``conv`` is ``(stride, padding, dilation, groups)`` with int lists (padding
+    already applied to ``x`` for non-zero padding modes and 'same'), or None for
+    Linear. ``x`` is batched. Small weights (see ``FUSE_MIN_NUMEL``) run the weight
+    op and the plain conv/linear as two nodes.
+    """
+    code = EXACT if order is None else order
+    if not fusable(x, weight):
+        w1 = ops.apply(weight, u, p, order, scale, backend)
+        return F.linear(x, w1, bias) if conv is None else _conv(x, w1, bias, *conv)
+    if torch.compiler.is_compiling():
+        if conv is None:
+            return lie_linear(x, weight, bias, u, p, code, scale, backend)
+        stride, padding, dilation, groups = conv
+        return lie_conv(x, weight, bias, u, p, code, scale, backend, list(stride),
+                        list(padding), list(dilation), groups)
+    be = ops.select_backend(backend, weight, u, p, order)
+    return _EagerLieLayer.apply(x, weight, bias, u, p, code, scale, be,
+                                None if conv is None else tuple(conv))
+
+
+def conv_geometry(conv: torch.nn.modules.conv._ConvNd, x: Tensor
+                  ) -> Tuple[Tensor, Tuple[List[int], List[int], List[int], int], bool]:
+    """``(x_padded, (stride, padding, dilation, groups), unbatched)`` of a conv layer.
+
+    Non-zero padding modes and ``padding='same'`` pad ``x`` here with ``F.pad``
+    exactly as ``_ConvNd._conv_forward`` does (so the saved input is the padded
+    one, as there); the fused op then runs with padding 0.
+    """
+    nd = conv.weight.dim() - 2
+    unbatched = x.dim() == nd + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    padding = conv.padding
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = [0] * nd
+    elif padding == "valid":
+        padding = [0] * nd
+    elif padding == "same":
+        x = F.pad(x, conv._reversed_padding_repeated_twice)
+        padding = [0] * nd
+    return x, (list(conv.stride), list(padding), list(conv.dilation), conv.groups), unbatched

@@ -1,0 +1,254 @@
+"""The one-node Lie layer (layer_ops): same outputs and gradients as the two-node path
+(weight op, then conv/linear) and as float64 autograd, no W-sized tensor saved for backward,
+the size switch on both sides, torch.compile without graph breaks, patch_hira on it."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import lie_kernels as lk
+from lie_kernels import layer_ops
+from lie_kernels.backends import get_backend
+from lie_kernels.reference import lie_weight_lowrank_ref, lie_weight_ref
+
+# (base layer factory, input shape): strides, dilation, groups, padding modes, unbatched
+LAYERS = {
+    "linear": (lambda: nn.Linear(13, 11), (2, 3, 13)),
+    "conv1d-reflect": (lambda: nn.Conv1d(4, 6, 3, padding=2, dilation=2,
+                                         padding_mode="reflect"), (2, 4, 9)),
+    "conv2d-stride-groups": (lambda: nn.Conv2d(6, 4, 3, stride=2, padding=1, groups=2),
+                             (2, 6, 7, 6)),
+    "conv2d-same-unbatched": (lambda: nn.Conv2d(3, 5, (2, 3), padding="same"), (3, 5, 6)),
+    "conv2d-circular": (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+                        (2, 3, 5, 5)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, (2, 3, 1), padding=(1, 0, 0), bias=False),
+               (2, 2, 3, 4, 2)),
+}
+
+
+@pytest.fixture
+def fuse_all(monkeypatch):
+    """Every layer, however small, takes the one-node path."""
+    monkeypatch.setattr(layer_ops, "FUSE_MIN_NUMEL", 0)
+
+
+def _layer(kind, parametrization, order, train_bias=False, seed=0):
+    torch.manual_seed(seed)
+    make, xshape = LAYERS[kind]
+    base = make()
+    layer = lk.nn.LAYER_TYPES[type(base)](base, rank=2, order=order, scale=0.7,
+                                          parametrization=parametrization)
+    with torch.no_grad():  # off the zero init so the update is not trivially the identity
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.4)
+    if train_bias and base.bias is not None:
+        base.bias.requires_grad_(True)
+    return layer, torch.randn(xshape, requires_grad=True)
+
+
+def _params(layer):
+    return [p for p in layer.parameters() if p.requires_grad]
+
+
+def _grads(fn, layer, x):
+    y = fn(x)
+    g = torch.linspace(-1, 1, y.numel()).view(y.shape)  # fixed, non-uniform upstream grad
+    return [y, *torch.autograd.grad(y, [x, *_params(layer)], g)]
+
+
+def _two_node(layer):
+    return lambda x: layer._apply_weight(x, layer.adapted_weight())
+
+
+def _ref64(layer):
+    """The layer in float64 with the reference (plain autograd) Lie weight."""
+    base = copy.deepcopy(layer.base).double()
+
+    def fn(x):
+        w = layer.base.weight.double()
+        if layer.parametrization == "lowrank":
+            w1 = lie_weight_lowrank_ref(w, layer.lie_a.double(), layer.lie_b.double(),
+                                        layer.order, layer.scale)
+        else:
+            fs = [None if f is None else f.double() for f in layer.factors()]
+            w1 = lie_weight_ref(w, layer.lie_core.double(), fs, layer.order, layer.scale)
+        bias = None if layer.base.bias is None else layer.base.bias.double()
+        if isinstance(base, nn.Linear):
+            return F.linear(x.double(), w1, bias)
+        return base._conv_forward(x.double(), w1, bias)
+    return fn
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("parametrization,order", [("tucker", 1), ("tucker", 4),
+                                                   ("lowrank", None), ("lowrank", 2)])
+@pytest.mark.parametrize("train_bias", [False, True])
+def test_one_node_matches_two_node_and_fp64(fuse_all, kind, parametrization, order,
+                                            train_bias):
+    layer, x = _layer(kind, parametrization, order, train_bias)
+    got = _grads(layer, layer, x)
+    want = _grads(_two_node(layer), layer, x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    ref = _grads(_ref64(layer), layer, x)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-5)
+
+
+def _saved_weight_sized(fn, layer, x):
+    """Saved-for-backward tensors of W's size (any view, e.g. W'ᵀ) other than W itself."""
+    w = layer.base.weight
+    found = []
+
+    def pack(t):
+        if t.numel() == w.numel() and t.data_ptr() != w.data_ptr():
+            found.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x).sum().backward()
+    return found
+
+
+def test_one_node_saves_no_weight_sized_tensor(fuse_all):
+    layer, x = _layer("conv2d-stride-groups", "tucker", None)
+    assert _saved_weight_sized(layer, layer, x) == []
+    assert len(_saved_weight_sized(_two_node(layer), layer, x)) >= 1  # the check can fail
+
+
+@pytest.mark.parametrize("in_features,fused", [(256, True), (255, False)])
+def test_size_switch_at_the_documented_constant(in_features, fused):
+    assert 256 * 256 == layer_ops.FUSE_MIN_NUMEL
+    torch.manual_seed(0)
+    layer = lk.nn.LieLinear(nn.Linear(in_features, 256), rank=2, order=4)
+    x = torch.randn(3, in_features, requires_grad=True)
+    saved = _saved_weight_sized(layer, layer, x)
+    assert (saved == []) == fused
+
+
+def test_linear_goes_through_the_backend_linear_backward_seam(fuse_all, monkeypatch):
+    be, calls = get_backend("torch"), []
+    real = type(be).linear_backward
+    monkeypatch.setattr(type(be), "linear_backward",
+                        lambda self, *a: calls.append(a[0].shape) or real(self, *a))
+    layer, x = _layer("linear", "lowrank", 1)
+    layer.backend = "torch"
+    layer(x).sum().backward()
+    assert calls == [torch.Size([6, 11])]  # grad_y flattened to (N, C_out)
+
+
+def test_grads_only_where_asked(fuse_all):
+    layer, x = _layer("conv2d-stride-groups", "lowrank", 4)
+    x.requires_grad_(False)
+    layer(x).square().sum().backward()
+    assert layer.base.weight.grad is None and layer.base.bias.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in _params(layer))
+
+
+def test_full_weight_grad_when_w_trains(fuse_all):
+    layer, x = _layer("conv2d-stride-groups", "tucker", None)
+    layer.base.weight.requires_grad_(True)
+    got = _grads(layer, layer, x)
+    want = _grads(_two_node(layer), layer, x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_and_mixed_dtypes_keep_the_two_node_path(fuse_all):
+    layer, x = _layer("linear", "lowrank", 1)
+    assert layer_ops.fusable(x, layer.base.weight)
+    assert not layer_ops.fusable(x.double(), layer.base.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer_ops.fusable(x, layer.base.weight)
+        assert layer(x).dtype == torch.bfloat16  # what F.linear does under autocast
+
+
+def test_double_backward_is_refused(fuse_all):
+    layer, x = _layer("linear", "lowrank", 1)
+    y = layer(x).square().sum()
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(y, x, create_graph=True)
+
+
+def test_merge_and_state_dict_unchanged(fuse_all):
+    layer, x = _layer("conv2d-stride-groups", "tucker", 2)
+    keys = set(layer.state_dict())
+    y = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    assert set(layer.state_dict()) == keys
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
+        self.fc = nn.Linear(8 * 5 * 5, 6)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).flatten(1))
+
+
+def test_compiled_fullgraph_uses_the_layer_ops(fuse_all):
+    torch.manual_seed(0)
+    model = lk.inject(_Net(), rank=2, order=None)
+    with torch.no_grad():
+        for p in _params(model):
+            p.normal_(0, 0.2)
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)  # a break raises
+    got = _grads(compiled, model, x)
+    want = _grads(model, model, x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert "lie_kernels.lie_conv.default" in seen and "lie_kernels.lie_linear.default" in seen
+    torch._dynamo.reset()
+    aot = torch.compile(model, fullgraph=True, backend="aot_eager")  # the autograd formula
+    for g, w in zip(_grads(aot, model, x), want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_custom_ops_pass_opcheck():
+    torch.manual_seed(0)
+    w, u, p = torch.randn(6, 2, 3, 3), torch.randn(6, 2), torch.randn(2, 18)
+    x, b = torch.randn(2, 4, 5, 5), torch.randn(6)
+    torch.library.opcheck(layer_ops.lie_conv, (x, w, b, u, p, 4, 0.5, "torch", [1, 1],
+                                               [1, 0], [1, 1], 2))
+    wl, pl = torch.randn(6, 7), torch.randn(2, 7)
+    torch.library.opcheck(layer_ops.lie_linear, (torch.randn(3, 7), wl, None, u, pl, -1, 0.5,
+                                                 "torch"))
+
+
+def test_patch_hira_on_the_one_node_path(fuse_all):
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
+    from lie_kernels.integrations.peft import patch_hira
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_Net(), peft.HiraConfig(r=2, target_modules=["fc"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "hira_B" in n:
+                p.normal_(0, 0.3)
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    want = _grads(model, model, x)
+    fc = model.base_model.model.fc
+    with patch_hira(model):
+        got = _grads(model, model, x)
+        w = fc.get_base_layer().weight
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel() == w.numel() and t.data_ptr() != w.data_ptr())
+                or t, lambda t: t):
+            model(x).sum()
+        assert not any(saved)
+    for g, ww in zip(got, want):
+        torch.testing.assert_close(g, ww, rtol=1e-5, atol=1e-5)
