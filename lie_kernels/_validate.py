@@ -4,6 +4,7 @@ Every error names the argument, what was expected and what was given.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional
 
@@ -11,6 +12,11 @@ import torch
 from torch import Tensor
 
 MIN_WEIGHT_DIM, MAX_WEIGHT_DIM = 2, 5
+#: Highest finite series order. The terms past order K sum to at most
+#: |x|^(K+1)/(K+1)! / (1 - |x|/(K+2)); at K = 64 that is < 1e-32 for |x| <= 8 and
+#: < 7e-7 for |x| <= 20 (under 2e-15 of e^x for x > 0): order 64 already is the exact
+#: exp at working precision, so higher orders only cost time (order=None is exact).
+MAX_ORDER = 64
 
 
 def check_order(order) -> Optional[int]:
@@ -19,38 +25,56 @@ def check_order(order) -> Optional[int]:
     if isinstance(order, bool) or not isinstance(order, numbers.Integral):
         raise TypeError(f"order must be an int >= 0 or None (exact exp), got "
                         f"{type(order).__name__} {order!r}")
-    if order < 0:
-        raise ValueError(f"order must be an int >= 0 or None (exact exp), got {order}")
+    if not 0 <= order <= MAX_ORDER:
+        raise ValueError(f"order must be an int >= 0 and <= MAX_ORDER={MAX_ORDER} (higher "
+                         f"orders equal the exact exp) or None (exact exp), got {order}")
     return int(order)
 
 
-def check_scale(scale) -> float:
+def check_scale(scale, name: str = "scale") -> float:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__} {scale!r}")
+        raise TypeError(f"{name} must be a real number, got {type(scale).__name__} {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{name} must be a finite real number, got {scale!r}")
     return float(scale)
 
 
-def check_weight(weight) -> Tensor:
+def check_weight(weight, name: str = "weight") -> Tensor:
     if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
     if not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor (fp64/fp32/fp16/bf16), "
+        raise TypeError(f"{name} must be a floating-point tensor (fp64/fp32/fp16/bf16), "
                         f"got dtype {weight.dtype}")
     if not MIN_WEIGHT_DIM <= weight.dim() <= MAX_WEIGHT_DIM:
-        raise ValueError(f"weight must have {MIN_WEIGHT_DIM} to {MAX_WEIGHT_DIM} dims "
+        raise ValueError(f"{name} must have {MIN_WEIGHT_DIM} to {MAX_WEIGHT_DIM} dims "
                          f"(Linear, Conv1d/2d/3d), got shape {tuple(weight.shape)}")
     if weight.numel() == 0:
-        raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
+        raise ValueError(f"{name} must not be empty, got shape {tuple(weight.shape)}")
     return weight
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def factor_dtype_ok(factor_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """W's dtype, or fp32 with a 16-bit W (PEFT's default autocast keeps adapters in fp32;
+    the math is fp32 inside anyway)."""
+    return factor_dtype == weight_dtype or (factor_dtype == torch.float32
+                                            and weight_dtype in LOW_PRECISION)
+
+
 def check_factor(name: str, t, weight: Tensor, shape: Optional[tuple] = None,
-                 ndim: Optional[int] = None) -> Tensor:
-    """A factor must be a tensor on W's device with W's dtype (and the given shape)."""
+                 ndim: Optional[int] = None, fp32_ok: bool = False) -> Tensor:
+    """A factor must be a tensor on W's device with W's dtype (and the given shape).
+
+    ``fp32_ok``: also accept an fp32 factor for a fp16/bf16 W (what the fused op takes).
+    """
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != weight.dtype:
-        raise TypeError(f"{name} must have the weight's dtype {weight.dtype}, got {t.dtype}")
+    if not (factor_dtype_ok(t.dtype, weight.dtype) if fp32_ok else t.dtype == weight.dtype):
+        also = (" (or torch.float32)" if fp32_ok and weight.dtype in LOW_PRECISION else "")
+        raise TypeError(f"{name} must have the weight's dtype {weight.dtype}{also}, "
+                        f"got {t.dtype}")
     if t.device != weight.device:
         raise ValueError(f"{name} must be on the weight's device {weight.device}, "
                          f"got {t.device}")
@@ -59,3 +83,21 @@ def check_factor(name: str, t, weight: Tensor, shape: Optional[tuple] = None,
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     return t
+
+
+def check_backend(backend) -> str:
+    """A backend name that can run in this process: ``"auto"`` or a registered backend
+    whose ``availability()`` is true (checked when a layer is built, not at its first
+    forward). Whether it takes particular tensors is still checked per call."""
+    from . import backends  # local: the backends import this module
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str ('auto' or one of "
+                        f"{sorted(backends._registry())}), got {type(backend).__name__} "
+                        f"{backend!r}")
+    if backend == "auto":
+        return backend
+    usable, why = backends._availability(backends.get_backend(backend))
+    if not usable:
+        raise ValueError(f"backend={backend!r} cannot run in this process: {why}; "
+                         f"use backend='auto' (or 'torch')")
+    return backend

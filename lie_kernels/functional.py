@@ -39,13 +39,15 @@ def lie_weight_lowrank(weight: Tensor, a: Tensor, b: Tensor, *, order: Optional[
 
     ``b`` is ``(C_out, r)`` and ``a`` is ``(r, prod(W.shape[1:]))`` (LoRA's B and
     A on the ``(C_out, rest)`` unfolding). Order 1 is HiRA's ``W + W ⊙ s·(B@A)``.
+    ``a`` and ``b`` have W's dtype, or fp32 for a fp16/bf16 W (PEFT's default
+    ``autocast_adapter_dtype=True``); the result has W's dtype.
     """
     check_weight(weight)
     order, scale = check_order(order), check_scale(scale)
-    check_factor("b", b, weight, ndim=2)
+    check_factor("b", b, weight, ndim=2, fp32_ok=True)
     rows, cols = weight.shape[0], weight[0].numel()
     if b.shape[0] != rows:
         raise ValueError(f"b must have shape ({rows}, r) (weight.shape[0], rank), "
                          f"got {tuple(b.shape)}")
-    check_factor("a", a, weight, shape=(b.shape[1], cols))
+    check_factor("a", a, weight, shape=(b.shape[1], cols), fp32_ok=True)
     return lie_gemm(weight, b, a, order, scale, backend)

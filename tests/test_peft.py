@@ -58,8 +58,8 @@ def test_patched_hira_matches_peft():
 def test_patched_forward_is_the_fused_op(monkeypatch):
     import lie_kernels.integrations.peft as integration
     calls = []
-    real = integration.lie_weight_lowrank
-    monkeypatch.setattr(integration, "lie_weight_lowrank",
+    real = integration.lie_layer
+    monkeypatch.setattr(integration, "lie_layer",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     model = _hira_model()
     patch_hira(model)

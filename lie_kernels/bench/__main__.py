@@ -1,8 +1,8 @@
 """``python -m lie_kernels.bench [sweep|cpu-core|train|multi] [flags]``.
 
-``sweep`` (the default) times every usable backend against the eager
-reference, ``torch.compile`` of it and PEFT HiRA's formula on real model
-shapes, and writes a table, a CSV and a PNG under ``--out``.
+Each subcommand prints a table with a legend under it and writes
+``<command>.txt`` under ``--out``; ``<command> --help`` lists its flags. Without a
+subcommand, ``sweep`` runs (``python -m lie_kernels.bench --quick`` is the sweep).
 """
 from __future__ import annotations
 
@@ -10,21 +10,40 @@ import argparse
 import datetime
 import os
 import platform
+import sys
 
 import torch
 
 import lie_kernels as lk
 
-from . import measure, sweep
+from . import cpu_core, measure, sweep
 from .shapes import CPU_DEFAULT, SWEEP
 
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-def _list(s):
-    return [x for x in s.split(",") if x]
+
+def _choices_list(valid, name, extra=()):
+    """argparse type: a comma list whose items must be in ``valid`` (or ``extra``)."""
+    def parse(s):
+        items = [x for x in s.split(",") if x]
+        bad = [x for x in items if x not in valid and x not in extra]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {name} {','.join(bad) or repr(s)}; valid: "
+                f"{', '.join(list(extra) + list(valid))}")
+        return items
+    return parse
 
 
 def _orders(s):
-    return [None if x == "exact" else int(x) for x in _list(s)]
+    try:
+        orders = [None if x == "exact" else int(x) for x in s.split(",") if x]
+    except ValueError:
+        orders = [-1]
+    if not orders or any(o is not None and o < 0 for o in orders):
+        raise argparse.ArgumentTypeError(
+            f"bad orders {s!r}; valid: comma list of integers >= 0 and 'exact', e.g. 1,4,exact")
+    return orders
 
 
 def _device_line(device: str) -> str:
@@ -39,30 +58,189 @@ def _device_line(device: str) -> str:
             f"lie_kernels {lk.__version__}")
 
 
-def main(argv=None) -> None:
+# -- shared flags ------------------------------------------------------------------------
+
+def _common(p, device=True):
+    if device:
+        p.add_argument("--device", choices=["cpu", "cuda"], default=DEFAULT_DEVICE,
+                       help=f"where to run (default here: {DEFAULT_DEVICE})")
+    p.add_argument("--out", default="bench/results/local", metavar="DIR",
+                   help="folder for <command>.txt (and the sweep's CSV and PNG); "
+                   "default: %(default)s (git-ignored)")
+    p.add_argument("--quick", action="store_true",
+                   help="minimal repeats and sizes: a smoke test of the command, not a "
+                   "measurement")
+
+
+# -- sweep -------------------------------------------------------------------------------
+
+def _sweep_args(p):
+    _common(p)
+    names = [c.name for c in SWEEP]
+    p.add_argument("--shapes", type=_choices_list(names, "shape", extra=("all",)),
+                   metavar="LIST", help="comma list of cases, or 'all'; default on CPU: "
+                   f"{', '.join(CPU_DEFAULT)}; on CUDA: all. Cases: {', '.join(names)}")
+    p.add_argument("--params", type=_choices_list(["tucker", "lowrank"], "parametrization"),
+                   default=["tucker", "lowrank"], metavar="LIST",
+                   help="parametrizations of the update: tucker, lowrank (default: both)")
+    p.add_argument("--orders", type=_orders, metavar="LIST",
+                   help="series orders, integers >= 0 or 'exact' (default: 1,4,exact on CPU, "
+                   "1,2,4,exact on CUDA)")
+    p.add_argument("--dtypes", type=_choices_list(list(sweep.DTYPES), "dtype"), metavar="LIST",
+                   help="weight dtypes: fp32, bf16, fp16 (default: fp32 on CPU, fp32,bf16 on "
+                   "CUDA)")
+    p.add_argument("--passes", type=_choices_list(["fwd", "fwdbwd"], "pass"), metavar="LIST",
+                   help="fwd (build W') and/or fwdbwd (build W' and backpropagate) (default: "
+                   "fwdbwd on CPU, fwd,fwdbwd on CUDA)")
+    p.add_argument("--backends", type=_choices_list(list(lk.available_backends()), "backend"),
+                   metavar="LIST", help="lie_kernels backends to time (default: every usable "
+                   "one; triton is skipped on CPU, where it is only the interpreter)")
+    p.add_argument("--compile", dest="with_compile", action=argparse.BooleanOptionalAction,
+                   default=True, help="also time torch.compile(reference) (inductor; compile "
+                   "time excluded; on CPU about 3 s of compilation per shape and order, "
+                   "15 s for the first)")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure each method's peak tensor memory (see the legend)")
+
+
+def _run_sweep(a, log):
+    gpu = a.device == "cuda"
+    cases = (CPU_DEFAULT if not gpu and a.shapes is None else
+             [c.name for c in SWEEP] if a.shapes is None or "all" in a.shapes else a.shapes)
+    orders = a.orders or ([1, 2, 4, None] if gpu else [1, 4, None])
+    dtypes = a.dtypes or (["fp32", "bf16"] if gpu else ["fp32"])
+    passes = a.passes or (["fwd", "fwdbwd"] if gpu else ["fwdbwd"])
+    backends = sweep.usable_backends(a.device, a.backends, log)
+    log(f"# shapes={','.join(cases)} params={','.join(a.params)} "
+        f"orders={','.join('exact' if o is None else str(o) for o in orders)} "
+        f"dtypes={','.join(dtypes)} passes={','.join(passes)} compile={a.with_compile}")
+    rows = sweep.run(a.device, cases, a.params, orders, dtypes, passes, backends,
+                     a.with_compile, a.memory, log)
+    sweep.write_csv(rows, os.path.join(a.out, "sweep.csv"))
+    sweep.plot(rows, os.path.join(a.out, "sweep.png"), _device_line(a.device).lstrip("# "))
+    log(f"# wrote {a.out}/sweep.csv and {a.out}/sweep.png")
+
+
+# -- cpu-core ----------------------------------------------------------------------------
+
+def _cpu_core_args(p):
+    _common(p, device=False)
+    p.add_argument("--shapes", type=_choices_list(cpu_core.NAMES, "shape"), metavar="LIST",
+                   help=f"comma list of cases (default: all; --quick: {cpu_core.NAMES[-1]}): "
+                   f"{', '.join(cpu_core.NAMES)}")
+    p.add_argument("--compile", dest="with_compile", action=argparse.BooleanOptionalAction,
+                   default=True, help="also time torch.compile(reference)")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure peak memory in a fresh process per case and method "
+                   "(about 3 s each)")
+
+
+def _run_cpu_core(a, log):
+    shapes = a.shapes or (cpu_core.NAMES[-1:] if a.quick else None)  # quick: smallest only
+    cpu_core.run(log, shapes=shapes, with_compile=a.with_compile, with_memory=a.memory)
+
+
+# -- train (options owned by lie_kernels/bench/train.py's author) --------------------------
+
+def _train_args(p):
+    from . import train
+    _common(p)
+    p.add_argument("--models", type=_choices_list(train.MODELS, "model"), metavar="LIST",
+                   help=f"comma list of {', '.join(train.MODELS)} (default: all)")
+    p.add_argument("--methods", type=_choices_list(list(train.METHOD_KEYS), "method"),
+                   metavar="LIST", help="comma list of " + ", ".join(
+                       f"{k} ({v})" for k, v in train.METHOD_KEYS.items()) + " (default: all)")
+    p.add_argument("--rank", type=int, default=16, help="rank of every method (default: 16)")
+
+
+def _run_train(a, log):
+    from . import train
+    methods = a.methods and [train.METHOD_KEYS[k] for k in a.methods]
+    train.run(a.device, log, models=a.models, methods=methods, rank=a.rank, quick=a.quick,
+              out=a.out)
+
+
+# -- multi -------------------------------------------------------------------------------
+
+def _multi_args(p):
+    _common(p)
+    p.add_argument("--orders", type=_orders, metavar="LIST",
+                   help="series orders, integers >= 0 or 'exact' (default: 1,4,exact; "
+                   "--quick: 1)")
+
+
+def _run_multi(a, log):
+    from . import multi_layer
+    multi_layer.run(a.device, log, orders=a.orders or ([1] if a.quick else [1, 4, None]))
+
+
+# -- roofline ----------------------------------------------------------------------------
+
+def _roofline_args(p):
+    _common(p, device=False)
+    p.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")], metavar="LIST",
+                   help="low-rank ranks to predict (default: each sweep case's own rank)")
+
+
+def _run_roofline(a, log):
+    from . import roofline
+    roofline.run(a.out, log, ranks=a.ranks)
+
+
+#: name: (one-line help, add its flags, run it)
+COMMANDS = {
+    "sweep": ("every usable lie_kernels backend against the eager reference, "
+              "torch.compile(reference) and PEFT HiRA's formula on real model shapes; "
+              "table, CSV and plot (the default)", _sweep_args, _run_sweep),
+    "cpu-core": ("the CPU path against the eager reference and its compiled form on four conv "
+                 "shapes: time, and peak memory of a fresh process", _cpu_core_args,
+                 _run_cpu_core),
+    "train": ("one AdamW step of torchvision ResNet-18, timm ConvNeXt and a transformers "
+              "Llama (random weights), each in a fresh process: LieRA orders vs PEFT LoRA, "
+              "PEFT HiRA (+ patch_hira) and full fine-tuning; table, CSV and plot",
+              _train_args, _run_train),
+    "multi": ("all 53 ResNet-50 convs: one grouped build of every W' against the per-layer "
+              "loop", _multi_args, _run_multi),
+    "roofline": ("predicted H200 time of the Triton kernels on the sweep shapes from the bytes "
+                 "and work they really do (no GPU needed); table and roofline.csv",
+                 _roofline_args, _run_roofline),
+}
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m lie_kernels.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", nargs="?", default="sweep",
-                    choices=["sweep", "cpu-core", "train", "multi"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--shapes", default=None,
-                    help=f"comma list or 'all' (default on CPU: {','.join(CPU_DEFAULT)})")
-    ap.add_argument("--params", default="tucker,lowrank")
-    ap.add_argument("--orders", default=None, help="e.g. 1,2,4,exact")
-    ap.add_argument("--dtypes", default=None, help="fp32,bf16,fp16")
-    ap.add_argument("--passes", default=None, help="fwd,fwdbwd")
-    ap.add_argument("--backends", default=None, help="default: every usable one")
-    ap.add_argument("--compile", dest="with_compile", action=argparse.BooleanOptionalAction,
-                    default=None, help="torch.compile baseline (default: on for CUDA only; "
-                    "on CPU each shape/order costs ~20 s of compilation)")
-    ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--out", default="bench/results/local")
-    ap.add_argument("--quick", action="store_true",
-                    help="minimal repeats and sizes (a smoke test, not a measurement)")
-    a = ap.parse_args(argv)
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (text, add_args, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        add_args(p)
+        p.set_defaults(run=run)
+    return ap
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """Parse the command line; no subcommand means ``sweep`` (with the sweep's flags)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "sweep")
+    ap = parser()
+    a, extra = ap.parse_known_args(argv)
+    sub = next(x for x in ap._actions if isinstance(x, argparse._SubParsersAction))
+    own = sub.choices[a.command]
+    if extra:
+        flags = [f for x in own._actions for f in x.option_strings
+                 if f.startswith("--") and f != "--help"]
+        own.error(f"unrecognized arguments: {' '.join(extra)}; {a.command} takes "
+                  f"{', '.join(flags)}")
+    if getattr(a, "device", None) == "cuda" and not torch.cuda.is_available():
+        own.error("--device cuda: no CUDA device is visible to torch here; valid: cpu")
+    return a
+
+
+def main(argv=None) -> None:
+    a = parse(argv)
     if a.quick:
         measure.EFFORT.update(warmup=1, max_reps=3, budget_s=0.2)
-    gpu = a.device == "cuda"
     os.makedirs(a.out, exist_ok=True)
     lines = []
 
@@ -70,32 +248,8 @@ def main(argv=None) -> None:
         print(s, flush=True)
         lines.append(s)
 
-    log(_device_line(a.device))
-    if a.command == "cpu-core":
-        from . import cpu_core
-        cpu_core.run(log)
-    elif a.command == "train":
-        from . import train
-        train.run(a.device, log, **({"batch": 2, "size": 32} if a.quick else {}))
-    elif a.command == "multi":
-        from . import multi_layer
-        multi_layer.run(a.device, log, orders=(1,) if a.quick else (1, 4, None))
-    else:
-        cases = (CPU_DEFAULT if not gpu and a.shapes is None else
-                 [c.name for c in SWEEP] if a.shapes in (None, "all") else _list(a.shapes))
-        orders = _orders(a.orders or ("1,2,4,exact" if gpu else "1,4,exact"))
-        dtypes = _list(a.dtypes or ("fp32,bf16" if gpu else "fp32"))
-        passes = _list(a.passes or ("fwd,fwdbwd" if gpu else "fwdbwd"))
-        with_compile = gpu if a.with_compile is None else a.with_compile
-        backends = sweep.usable_backends(a.device, a.backends and _list(a.backends), log)
-        log(f"# shapes={','.join(cases)} params={a.params} orders={orders} dtypes={dtypes} "
-            f"passes={passes} compile={with_compile}")
-        log(sweep.header())
-        rows = sweep.run(a.device, cases, _list(a.params), orders, dtypes, passes, backends,
-                         with_compile, a.memory, log)
-        sweep.write_csv(rows, os.path.join(a.out, "sweep.csv"))
-        sweep.plot(rows, os.path.join(a.out, "sweep.png"), backends, lines[0].lstrip("# "))
-        log(f"# wrote {a.out}/sweep.csv and {a.out}/sweep.png")
+    log(_device_line(getattr(a, "device", "cpu")))
+    a.run(a, log)
     with open(os.path.join(a.out, f"{a.command}.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

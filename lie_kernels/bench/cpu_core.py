@@ -1,30 +1,48 @@
-"""The CPU path against the naive reference: time and fresh-process peak memory.
+"""The CPU path against the naive reference and its compiled form: time and fresh-process
+peak memory.
 
-Time: median of several forward+backward steps in this process. Memory: one
-fresh process per (shape, method) does one forward+backward; we report its peak
-resident memory (VmHWM) minus its resident size right after the imports, as the
-core-library issue asks. W, the factors and the gradient count in both.
+Time: min and median of several forward+backward steps in this process. Memory:
+one fresh process per (shape, method) does one forward+backward; we report its
+peak resident memory (VmHWM) minus its resident size right after the imports, as
+the core-library issue asks. W, the factors and the gradient count in both.
 """
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from typing import List, Optional
 
 import torch
 
 import lie_kernels as lk
 from lie_kernels.reference import lie_weight_ref
 
-from . import measure
+from . import baselines, measure, sweep
 
 CASES = [  # (label, shape, Tucker ranks)
     ("512x512x3x3", (512, 512, 3, 3), (16, 16, 3, 3)),
     ("1280x1280x3x3", (1280, 1280, 3, 3), (16, 16, 3, 3)),
-    ("dw 1024x1x7x7", (1024, 1, 7, 7), (16, 1, 7, 7)),
-    ("small 64x64x3x3", (64, 64, 3, 3), (8, 8, 3, 3)),
+    ("dw1024x1x7x7", (1024, 1, 7, 7), (16, 1, 7, 7)),
+    ("64x64x3x3", (64, 64, 3, 3), (8, 8, 3, 3)),
 ]
+NAMES = [c[0] for c in CASES]
 ORDER = 4
+METHODS = {"ours": "lie_kernels[torch]", "ref": baselines.label("eager"),
+           "compiled": baselines.label("compile")}
+LEGEND = [
+    ("methods", f"ours = {METHODS['ours']} (this library's CPU path); ref = "
+     f"{METHODS['ref']} (naive formula, plain autograd); compiled = {METHODS['compiled']} "
+     "(inductor, compile time excluded, warm-up first)."),
+    ("*_min, *_med", "wall time in ms of one forward+backward, minimum and median over the "
+     "repeats. Lower is better."),
+    ("x_vs_ref, x_vs_comp", "ref's (compiled's) median / ours' median: > 1 means "
+     "lie_kernels is faster. Higher is better."),
+    ("ours_MiB, ref_MiB", "peak resident memory of a fresh process doing one step, above its "
+     "size after the imports. Lower is better. For the two small weights this is mostly "
+     "one-time library buffers."),
+    ("mem_ratio", "ours_MiB / ref_MiB: < 1 means lie_kernels needs less. Lower is better."),
+]
 
 
 def _inputs(shape, ranks):
@@ -37,12 +55,12 @@ def _inputs(shape, ranks):
 
 
 def _step(method, w, core, factors):
+    fn = {"ours": lambda *a: lk.lie_weight(*a, order=ORDER, scale=0.5, backend="torch"),
+          "ref": lambda *a: lie_weight_ref(*a, ORDER, 0.5),
+          "compiled": lambda *a: baselines.compiled("tucker")(*a, ORDER, 0.5)}[method]
+
     def run():
-        if method == "ours":
-            out = lk.lie_weight(w, core, factors, order=ORDER, scale=0.5, backend="torch")
-        else:
-            out = lie_weight_ref(w, core, factors, ORDER, 0.5)
-        out.sum().backward()
+        fn(w, core, factors).sum().backward()
     return run
 
 
@@ -61,22 +79,50 @@ def _fresh_peak(method: str, idx: int) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
-def run(log=print):
-    log(f"# CPU path (torch backend) vs naive eager reference: fp32, Tucker, order {ORDER}, "
-        f"forward+backward, {torch.get_num_threads()} threads")
-    log(f"{'shape':<18}{'ours ms':>10}{'ref ms':>10}{'speedup':>9}"
-        f"{'ours MiB':>10}{'ref MiB':>10}{'mem ratio':>10}")
-    rows = []
+def _cell(v: Optional[float], fmt: str, width: int) -> str:
+    return ("-" if v is None else format(v, fmt)).rjust(width)
+
+
+def run(log=print, shapes: Optional[List[str]] = None, with_compile: bool = True,
+        with_memory: bool = True):
+    log(f"# CPU path ({METHODS['ours']}) vs {METHODS['ref']}"
+        + (f" and {METHODS['compiled']}" if with_compile else "")
+        + f": fp32, Tucker, order {ORDER}, forward+backward, {torch.get_num_threads()} threads")
+    cols = ["ours_min", "ours_med", "ref_min", "ref_med", "x_vs_ref", "comp_med", "x_vs_comp",
+            "ours_MiB", "ref_MiB", "mem_ratio"]
+    log(f"{'shape':<15}" + "".join(f"{c:>10}" for c in cols))
+    rows, timings = [], {}
     for idx, (label, shape, ranks) in enumerate(CASES):
+        if shapes and label not in shapes:
+            continue
         args = _inputs(shape, ranks)
-        t_ours = measure.median_ms(_step("ours", *args), "cpu", reps=9)
-        t_ref = measure.median_ms(_step("ref", *args), "cpu", reps=9)
-        m_ours, m_ref = _fresh_peak("ours", idx), _fresh_peak("ref", idx)
-        row = dict(shape=label, ours_ms=t_ours, ref_ms=t_ref, speedup=t_ref / t_ours,
-                   ours_mib=m_ours, ref_mib=m_ref, mem_ratio=m_ours / m_ref)
+        t = {}
+        for m in ("ours", "ref", "compiled") if with_compile else ("ours", "ref"):
+            try:
+                t[m] = measure.time_ms(_step(m, *args), "cpu", reps=9)
+            except Exception as exc:  # noqa: BLE001 (only the compiled baseline may fail)
+                if m != "compiled":
+                    raise
+                log(f"# {METHODS[m]} failed on {label}: {sweep.reason(exc)}")
+        timings.update({f"{label} {METHODS[m]}": v for m, v in t.items()})
+        mem = ({m: _fresh_peak(m, idx) for m in ("ours", "ref")} if with_memory else {})
+        comp = t.get("compiled")
+        row = dict(shape=label, ours_min=t["ours"].min, ours_med=t["ours"].median,
+                   ref_min=t["ref"].min, ref_med=t["ref"].median,
+                   x_vs_ref=t["ref"].median / t["ours"].median,
+                   comp_med=comp.median if comp else None,
+                   x_vs_comp=comp.median / t["ours"].median if comp else None,
+                   ours_MiB=mem.get("ours"), ref_MiB=mem.get("ref"),
+                   mem_ratio=mem["ours"] / mem["ref"] if mem else None)
         rows.append(row)
-        log(f"{label:<18}{t_ours:>10.2f}{t_ref:>10.2f}{row['speedup']:>8.1f}x"
-            f"{m_ours:>10.1f}{m_ref:>10.1f}{row['mem_ratio']:>10.2f}")
+        fmts = {"x_vs_ref": ".1f", "x_vs_comp": ".1f", "ours_MiB": ".1f", "ref_MiB": ".1f"}
+        log(f"{label:<15}" + "".join(_cell(row[c], fmts.get(c, ".2f"), 10)
+                                    for c in cols))
+    for line in sweep.legend(LEGEND):
+        log(line)
+    warning = measure.busy_warning(timings, "cpu")
+    if warning:
+        log(warning)
     return rows
 
 

@@ -3,18 +3,54 @@ from __future__ import annotations
 
 import csv
 import os
+import textwrap
 from typing import Dict, List, Optional
 
 import torch
 
 import lie_kernels as lk
 
-from . import baselines, inputs, measure
+from . import baselines, inputs, measure, roofline
 from .shapes import SWEEP
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-COLUMNS = ["case", "shape", "param", "order", "dtype", "pass", "method", "ms",
-           "x_vs_eager", "x_vs_compile", "x_vs_hira", "GB/s", "frac_copy_bw", "peak_MiB"]
+COLUMNS = ["case", "shape", "param", "order", "dtype", "pass", "method", "ms_min", "ms_median",
+           "x_vs_eager", "x_vs_compile", "x_vs_hira", "GB/s", "frac_copy_bw", "pred_ms",
+           "pred_frac", "peak_MiB"]
+#: table width of each column (a column missing here gets 10)
+WIDTHS = {"case": 24, "shape": 13, "param": 7, "order": 5, "dtype": 5, "pass": 6,
+          "method": 24, "ms_min": 9, "ms_median": 9, "x_vs_eager": 10, "x_vs_compile": 12,
+          "x_vs_hira": 9, "GB/s": 8, "frac_copy_bw": 12, "pred_ms": 9, "pred_frac": 9,
+          "peak_MiB": 9}
+#: printed under the table: what each column compares and which direction is better
+LEGEND = [
+    ("method", "lie_kernels[<backend>] = this library's fused op on that backend; "
+     "eager reference = the naive formula of lie_kernels.reference with plain autograd; "
+     "torch.compile(reference) = that formula compiled by torch.compile (inductor; compile "
+     "time excluded, warm-up calls first); PEFT HiRA formula = W + W*(s*B@A) in plain "
+     "PyTorch (order 1, low-rank only)."),
+    ("pass", "fwd = build W' = W*exp_K(s*Delta); fwdbwd = build W' and backpropagate a "
+     "random gradient into the factors."),
+    ("ms_min, ms_median", "wall time of one step, minimum and median over the repeats. "
+     "Lower is better. median/min > %.1f means a busy machine (a warning follows)."
+     % measure.BUSY_SPREAD),
+    ("x_vs_eager, x_vs_compile, x_vs_hira", "that baseline's median time / this row's median "
+     "time at the same point: > 1 means this row is faster (higher is better), 1.0 on the "
+     "baseline's own row. '-' = that baseline does not apply here (HiRA: order 1 low-rank "
+     "only) or was switched off (--no-compile); 'n/a' = it failed to run (reason above)."),
+    ("GB/s", "bytes floor / median time; floor = 2 passes over W for fwd (read W, write W'), "
+     "4 for fwdbwd (also read the gradient and W). Higher is better."),
+    ("frac_copy_bw", "GB/s / this device's copy bandwidth measured at the start of the run; "
+     "1.0 is the memory-bound ceiling. Higher is better."),
+    ("pred_ms, pred_frac", "Triton rows on a GPU: the H200 roofline prediction "
+     "(python -m lie_kernels.bench roofline) of this step's time and of its fraction of the "
+     "memory floor; measured/predicted is what a GPU run checks. '-' elsewhere."),
+    ("peak_MiB", "most tensor memory live at once during one step, above what was live "
+     "before it (W, the factors and the gradient are inputs, not counted). CUDA: "
+     "torch.cuda.max_memory_allocated; CPU: PyTorch's CPU allocator events recorded by "
+     "torch.profiler (memory that MKL/oneDNN allocate on their own is not seen). Lower is "
+     "better. '-' = --no-memory; 'n/a' = this torch cannot record it."),
+]
 
 
 def usable_backends(device: str, wanted: Optional[List[str]], log) -> List[str]:
@@ -63,39 +99,83 @@ def _cases(device, cases, params, orders, dtypes, modes, backends, with_compile)
                                     for m, fn in methods.items()}
 
 
+def _prediction(method, device, case, param, dtype_name, order, mode) -> Dict:
+    """The H200 roofline of the Triton kernels (bench/roofline.py) beside a measured
+    Triton time on a GPU: predicted ms and predicted fraction of the memory floor."""
+    if method != "triton" or device != "cuda":
+        return dict(pred_ms=None, pred_frac=None)
+    p = roofline.predict_mode(case.shape, case.rank if param == "lowrank" else case.ranks[0],
+                              dtype_name, order, mode)
+    return dict(pred_ms=float(f"{p['time_us'] / 1e3:.4g}"),
+                pred_frac=float(f"{p['frac_floor']:.3g}"))
+
+
+def reason(exc: BaseException) -> str:
+    """One line saying why a method failed."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
 def run(device: str, cases: List[str], params: List[str], orders: List[Optional[int]],
         dtypes: List[str], modes: List[str], backends: List[str], with_compile: bool,
         with_memory: bool, log=print) -> List[Dict]:
-    """Time every point first, then (``with_memory``) measure peak memory in a second
-    pass: the CPU memory probe changes the allocator's behaviour for what follows."""
+    """Time every method at every point, then measure its peak memory; log one row each.
+
+    Only ``torch.compile(reference)`` may fail (no C++ compiler, an unsupported
+    op): its reason is logged and its cells read 'n/a'.
+    """
     copy_bw = measure.copy_bandwidth_gbs(device)
     log(f"# device {device}: copy bandwidth {copy_bw:.1f} GB/s (read+write), measured now")
+    log(header())
     spec = (device, cases, params, orders, dtypes, modes, backends, with_compile)
-    rows = []
+    rows, timings = [], {}
     for (case, param, dtype_name, order, mode, wbytes), steps in _cases(*spec):
-        res = {m: measure.median_ms(step, device) for m, step in steps.items()}
+        res, failed = {}, set()
+        for m, step in steps.items():
+            try:
+                res[m] = measure.time_ms(step, device)
+            except Exception as exc:  # noqa: BLE001 (only the compiled baseline may fail)
+                if m != "compile":
+                    raise
+                failed.add(m)
+                log(f"# {baselines.label(m)} failed on {case.name} {param} order={order} "
+                    f"{dtype_name} {mode}: {reason(exc)}")
         nbytes = (2 if mode == "fwd" else 4) * wbytes  # bytes floor: see DESIGN.md
-        for label, ms in res.items():
-            gbs = nbytes / (ms * 1e-3) / 1e9
+        for m, t in res.items():
+            gbs = nbytes / (t.median * 1e-3) / 1e9
             row = dict(case=case.name, shape="x".join(map(str, case.shape)), param=param,
                        order="exact" if order is None else order, dtype=dtype_name,
-                       **{"pass": mode}, method=label, ms=float(f"{ms:.4g}"),
+                       **{"pass": mode}, method=baselines.label(m),
+                       ms_min=float(f"{t.min:.4g}"), ms_median=float(f"{t.median:.4g}"),
                        **{"GB/s": float(f"{gbs:.3g}")},
-                       frac_copy_bw=float(f"{gbs / copy_bw:.3g}"), peak_MiB=None)
+                       frac_copy_bw=float(f"{gbs / copy_bw:.3g}"), peak_MiB=None,
+                       **_prediction(m, device, case, param, dtype_name, order, mode))
             for base in ("eager", "compile", "hira"):
-                row[f"x_vs_{base}"] = float(f"{res[base] / ms:.3g}") if base in res else None
+                row[f"x_vs_{base}"] = ("n/a" if base in failed else
+                                       float(f"{res[base].median / t.median:.3g}")
+                                       if base in res else None)
+            if with_memory:
+                peak = measure.peak_mib(steps[m], device)
+                row["peak_MiB"] = "n/a" if peak is None else round(peak, 2)
+            timings[f"{case.name} {param} order={row['order']} {dtype_name} {mode} "
+                    f"{row['method']}"] = t
             rows.append(row)
-            if not with_memory:
-                log(_fmt(row))
-    if with_memory:
-        it = iter(rows)
-        for _, steps in _cases(*spec):
-            for label, step in steps.items():
-                row = next(it)
-                peak = measure.peak_mib(step, device)
-                row["peak_MiB"] = None if peak is None else round(peak, 2)
-                log(_fmt(row))
+            log(_fmt(row))
+    for line in legend():
+        log(line)
+    warning = measure.busy_warning(timings, device)
+    if warning:
+        log(warning)
     return rows
+
+
+def legend(entries=None, width: int = 100) -> List[str]:
+    """``# ``-prefixed lines: one wrapped paragraph per (column, meaning)."""
+    lines = ["# legend:"]
+    for name, text in entries or LEGEND:
+        lines += textwrap.wrap(f"{name}: {text}", width, initial_indent="#   ",
+                               subsequent_indent="#       ")
+    return lines
 
 
 def header() -> str:
@@ -103,10 +183,12 @@ def header() -> str:
 
 
 def _fmt(row: Dict) -> str:
-    widths = [24, 13, 7, 5, 5, 6, 8, 9, 10, 12, 9, 8, 12, 9]
-    return " ".join(str("-" if row.get(c) is None else row[c]).rjust(wd)[:max(wd, 1)]
-                    if i else str(row[c]).ljust(wd) for i, (c, wd) in
-                    enumerate(zip(COLUMNS, widths)))
+    cells = []
+    for i, c in enumerate(COLUMNS):
+        wd = WIDTHS.get(c, 10)
+        val = "-" if row.get(c) is None else str(row[c])
+        cells.append(val.rjust(wd) if i else val.ljust(wd))
+    return " ".join(cells)
 
 
 def write_csv(rows: List[Dict], path: str) -> None:
@@ -116,30 +198,53 @@ def write_csv(rows: List[Dict], path: str) -> None:
         wr.writerows(rows)
 
 
-def plot(rows: List[Dict], path: str, backends: List[str], title: str) -> None:
-    """Bars: speedup over the eager reference per case, one bar per backend."""
+def _point(r: Dict) -> str:
+    return f"{r['case']} {r['param']} o={r['order']} {r['dtype']} {r['pass']}"
+
+
+def plot(rows: List[Dict], path: str, title: str) -> None:
+    """Two panels, log axes: median time and peak memory of every method relative to the
+    eager reference, one bar per method and point, drawn from the labelled 1x line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
-    labels = sorted({(r["case"], r["param"], str(r["order"]), r["dtype"], r["pass"])
-                     for r in rows}, key=str)
-    fig, ax = plt.subplots(figsize=(max(8, 0.35 * len(labels) * len(backends)), 5))
-    width = 0.8 / max(1, len(backends))
-    for i, be in enumerate(backends):
-        vals = []
-        for lab in labels:
-            hit = [r["x_vs_eager"] for r in rows if r["method"] == be and
-                   (r["case"], r["param"], str(r["order"]), r["dtype"], r["pass"]) == lab]
-            vals.append(hit[0] if hit else 0)
-        ax.bar([j + i * width for j in range(len(labels))], vals, width, label=be)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
-    ax.set_xticklabels([" ".join(lab) for lab in labels], rotation=75, ha="right", fontsize=7)
-    ax.set_ylabel("speedup over eager reference (x)")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
+    eager = baselines.label("eager")
+    points = list(dict.fromkeys(_point(r) for r in rows))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != eager]
+    by = {(_point(r), r["method"]): r for r in rows}
+    fig, axes = plt.subplots(1, 2, sharey=True, figsize=(
+        14, 2 + 0.18 * len(points) * max(1, len(methods))))
+    height = 0.8 / max(1, len(methods))
+    panels = (("ms_median", "median time / eager reference's  (< 1x: faster)"),
+              ("peak_MiB", "peak tensor memory / eager reference's  (< 1x: less)"))
+    for ax, (col, xlabel) in zip(axes, panels):
+        for i, m in enumerate(methods):
+            ys, xs = [], []
+            for j, p in enumerate(points):
+                r, base = by.get((p, m)), by.get((p, eager))
+                if r and base and all(isinstance(v, float) and v > 0
+                                      for v in (r[col], base[col])):
+                    ys.append(j + i * height)
+                    xs.append(r[col] / base[col])
+            ax.barh(ys, [x - 1 for x in xs], height, left=1, label=m, color=f"C{i}")
+        ax.axvline(1.0, color="k", lw=1, ls="--")
+        ax.text(1.0, 1.0, "1x = eager reference", transform=ax.get_xaxis_transform(),
+                ha="center", va="bottom", fontsize=8)
+        ax.set_xscale("log")
+        ax.margins(x=0.08)
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.set_xlabel(xlabel)
+    axes[0].set_yticks([j + 0.4 - height / 2 for j in range(len(points))])
+    axes[0].set_yticklabels(points, fontsize=7)
+    axes[0].invert_yaxis()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center",
+               ncol=max(1, len(methods)), fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -5,10 +5,11 @@ with no scaling, i.e. first-order LieRA with the low-rank parametrization and
 scale 1: ``W' = W ⊙ exp_1(B@A)``. Its conv layers hold ``A`` as
 ``(r, C_in, *kernel)`` and ``B`` as ``(C_out, r, 1, ...)``, which is exactly
 ``b @ a`` on the ``(C_out, rest)`` unfolding. ``patch_hira`` swaps the
-layers' forward for one fused ``lie_weight_lowrank`` call (no ``W ⊙ B@A``
-tensor kept for backward, one conv/matmul instead of two).
+layers' forward for one ``layer_ops.lie_layer`` node (no ``W ⊙ B@A`` and no W'
+kept for backward, one conv/matmul instead of two).
 
-The fused path needs one active adapter, no active dropout, matching dtypes and
+The fused path needs one active adapter, no active dropout, factors in W's dtype
+(or fp32 with a fp16/bf16 W: PEFT's default ``autocast_adapter_dtype=True``) and
 a plain (not ``fan_in_fan_out``) weight; any other case runs PEFT's own forward.
 
 **LieRA.** PEFT (0.21) cannot take a new method type without editing its
@@ -23,15 +24,15 @@ written to ``adapter_config.json``, so pass the loaded config through
 """
 from __future__ import annotations
 
-import types
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from torch import Tensor, nn
 from peft import LoraConfig
 from peft.tuners.hira import layer as hira
 from peft.tuners.lora import LoraLayer
 
-from ..functional import lie_weight_lowrank
+from ..layer_ops import conv_geometry, lie_layer
+from .._validate import factor_dtype_ok
 from ..nn.layers import LAYER_TYPES, LieLayer
 
 __all__ = ["patch_hira", "HiraPatch", "liera_config", "LieraLayer"]
@@ -44,32 +45,69 @@ def _fusable(layer, args, kwargs) -> bool:
     if getattr(layer, "fan_in_fan_out", False):
         return False
     dropout = layer.hira_dropout[active[0]]
-    a, w = layer.hira_A[active[0]], layer.get_base_layer().weight
-    return (isinstance(dropout, nn.Identity) or not layer.training) and a.dtype == w.dtype
+    a, b = layer.hira_A[active[0]], layer.hira_B[active[0]]
+    w = layer.get_base_layer().weight
+    # fp32 factors with a 16-bit W: PEFT's default autocast_adapter_dtype=True
+    return ((isinstance(dropout, nn.Identity) or not layer.training)
+            and factor_dtype_ok(a.dtype, w.dtype) and factor_dtype_ok(b.dtype, w.dtype))
 
 
 def _fused_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     if not _fusable(self, args, kwargs):
-        return type(self).forward(self, x, *args, **kwargs)
+        return self._lk_unpatched.forward(self, x, *args, **kwargs)
     name = next(a for a in self.active_adapters if a in self.hira_A)
     a, b = self.hira_A[name], self.hira_B[name]
     base = self.get_base_layer()
-    w = lie_weight_lowrank(base.weight, a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1),
-                           order=1, scale=1.0)
+    # one autograd node per layer (layer_ops): W' = W ⊙ exp_1(B@A) is rebuilt in backward
+    u, p = b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)
     if isinstance(base, nn.Linear):
-        return nn.functional.linear(x, w, base.bias)
-    return base._conv_forward(x, w, base.bias)
+        return lie_layer(x, base.weight, base.bias, u, p, 1, 1.0, "auto")
+    xp, geometry, unbatched = conv_geometry(base, x)
+    y = lie_layer(xp, base.weight, base.bias, u, p, 1, 1.0, "auto", geometry)
+    return y.squeeze(0) if unbatched else y
+
+
+# Patching swaps a layer's class for a subclass whose forward is ``_fused_forward``: an
+# instance attribute (a bound method) would not survive torch.save/torch.load. The
+# subclasses live in this module under fixed names, so pickle finds them after import.
+_FUSED: Dict[type, type] = {}
+
+
+def _fused_class(cls: type) -> type:
+    if cls not in _FUSED:
+        name = f"_Fused{cls.__name__}"
+        if name in globals():  # another HiRA class of that name (a user subclass)
+            name = f"{name}_{len(_FUSED)}"
+        _FUSED[cls] = type(name, (cls,), {"forward": _fused_forward, "_lk_unpatched": cls,
+                                         "__module__": __name__, "__qualname__": name})
+        globals()[name] = _FUSED[cls]
+    return _FUSED[cls]
+
+
+for _cls in (hira.Linear, hira.Conv1d, hira.Conv2d, hira.Conv3d):
+    _fused_class(_cls)
+
+
+def _patched(layer: nn.Module) -> bool:
+    return type(layer) in _FUSED.values()
 
 
 class HiraPatch:
-    """The patched layers; ``remove()`` (or leaving the ``with`` block) restores them."""
+    """The patched layers; ``remove()`` (or leaving the ``with`` block) restores them.
 
-    def __init__(self, layers: List[nn.Module]):
+    ``fallbacks`` maps each HiRA layer left on PEFT's own forward to the reason
+    (``len(handle.fallbacks)`` counts them).
+    """
+
+    def __init__(self, layers: List[nn.Module], fallbacks: Optional[Dict[str, str]] = None):
         self.layers = layers
+        self.fallbacks: Dict[str, str] = dict(fallbacks or {})
 
     def remove(self) -> None:
+        """Restore PEFT's forward; a second call does nothing."""
         for layer in self.layers:
-            del layer.forward  # the instance attribute; the class forward shows again
+            if _patched(layer):
+                layer.__class__ = layer._lk_unpatched
 
     def __enter__(self) -> "HiraPatch":
         return self
@@ -78,21 +116,43 @@ class HiraPatch:
         self.remove()
 
 
-def patch_hira(model: nn.Module) -> HiraPatch:
+PADDING_SEMANTICS = ("peft", "merged")
+
+
+def patch_hira(model: nn.Module, *, padding_semantics: str = "peft") -> HiraPatch:
     """Make every PEFT HiRA Linear/Conv1d/2d/3d layer of ``model`` use the fused op.
 
     Outputs and gradients equal PEFT's (up to float rounding); merge, unmerge,
     save and load are untouched (they use PEFT's own code). Returns a handle:
     ``patch_hira(model).remove()`` or ``with patch_hira(model): ...``.
+
+    Convs with a ``padding_mode`` other than ``"zeros"``: PEFT pads ``base(x)``
+    with that mode but its delta conv with zeros, so its unmerged forward differs
+    from its own merged model, which the fused op (W' through the layer itself)
+    computes. ``padding_semantics="peft"`` (default) leaves those layers on
+    PEFT's forward, listed in ``handle.fallbacks``; ``"merged"`` fuses them too,
+    computing what PEFT's merged model computes (different numbers from PEFT's
+    unmerged forward).
     """
-    layers = [m for m in model.modules()
-              if isinstance(m, (hira.Linear, hira._ConvNd)) and "forward" not in vars(m)]
-    if not layers:
+    if padding_semantics not in PADDING_SEMANTICS:
+        raise ValueError(f"patch_hira: padding_semantics must be one of {PADDING_SEMANTICS}, "
+                         f"got {padding_semantics!r}")
+    found = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, (hira.Linear, hira._ConvNd)) and not _patched(m)]
+    if not found:
         raise ValueError(f"patch_hira: {type(model).__name__} has no unpatched PEFT HiRA "
                          "Linear/Conv layer")
-    for layer in layers:
-        layer.forward = types.MethodType(_fused_forward, layer)
-    return HiraPatch(layers)
+    layers, fallbacks = [], {}
+    for name, layer in found:
+        mode = getattr(layer.get_base_layer(), "padding_mode", "zeros")
+        if mode != "zeros" and padding_semantics == "peft":
+            fallbacks[name] = (f"padding_mode={mode!r}: PEFT zero-pads its delta conv, the "
+                               f"fused op would pad W' with {mode!r} (pass "
+                               f"padding_semantics='merged' to fuse it anyway)")
+            continue
+        layer.__class__ = _fused_class(type(layer))
+        layers.append(layer)
+    return HiraPatch(layers, fallbacks)
 
 
 class LieraLayer(nn.Module, LoraLayer):
@@ -139,7 +199,7 @@ class LieraLayer(nn.Module, LoraLayer):
         lie = None if self.disable_adapters or self.merged else self._active_lie()
         if lie is None:
             return self.base_layer(x, *args, **kwargs)
-        return lie._apply_weight(x, lie.adapted_weight())
+        return lie.lie_forward(x)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None):
         """``W ← W ⊙ exp_K(sΔ)`` per adapter (exactly invertible by ``unmerge``)."""
@@ -153,6 +213,28 @@ class LieraLayer(nn.Module, LoraLayer):
             self.lora_A[self.merged_adapters.pop()].unmerge()
 
 
+#: LoraConfig options LieraLayer does not implement: any value but PEFT's default would
+#: be silently ignored, so liera_config refuses it (fields this PEFT lacks are skipped)
+UNSUPPORTED_LORA_OPTIONS = (
+    "use_dora", "use_rslora", "init_lora_weights", "fan_in_fan_out", "lora_bias",
+    "use_qalora", "use_bdlora", "target_parameters", "alora_invocation_tokens",
+    "megatron_config", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+    "velora_config", "monteclora_config", "arrow_config", "kasa_config")
+
+
+def _check_liera_options(config: LoraConfig) -> None:
+    if config.lora_dropout:
+        raise ValueError(f"liera_config: lora_dropout must be 0 (LieRA changes the weight, "
+                         f"it has no input path to drop out), got {config.lora_dropout!r}")
+    defaults = LoraConfig()
+    for name in UNSUPPORTED_LORA_OPTIONS:
+        if hasattr(defaults, name) and getattr(config, name) != getattr(defaults, name):
+            raise ValueError(f"liera_config: {name}={getattr(config, name)!r} is a LoRA "
+                             f"option LieRA does not implement (it would be silently "
+                             f"ignored); leave it at PEFT's default "
+                             f"{getattr(defaults, name)!r}")
+
+
 def liera_config(config: Optional[LoraConfig] = None, *, order: Optional[int] = 1,
                  parametrization: Optional[str] = None, **lora_kwargs) -> LoraConfig:
     """A ``LoraConfig`` whose Linear/Conv1d/2d/3d targets get LieRA adapters.
@@ -161,12 +243,15 @@ def liera_config(config: Optional[LoraConfig] = None, *, order: Optional[int] = 
     ``order`` (None: exact exp) and ``parametrization`` (``"tucker"`` |
     ``"lowrank"``; default: lowrank for Linear, Tucker for convs) choose the
     update. Pass a loaded config (``LoraConfig.from_pretrained``) as ``config``
-    to re-register LieRA before ``PeftModel.from_pretrained``.
+    to re-register LieRA before ``PeftModel.from_pretrained``. LoRA options LieRA
+    does not implement (``use_dora``, ``use_rslora``, ``init_lora_weights``, ...:
+    ``UNSUPPORTED_LORA_OPTIONS``) and a non-zero ``lora_dropout`` raise ValueError.
     """
     if config is None:
         config = LoraConfig(**{"lora_dropout": 0.0, **lora_kwargs})
     elif lora_kwargs:
         raise TypeError("give a config or LoraConfig keyword arguments, not both")
+    _check_liera_options(config)
     layer = type("LieraLayer", (LieraLayer,), {"order": order,
                                                "parametrization": parametrization})
     config._register_custom_module({t: layer for t in LAYER_TYPES})
