@@ -63,3 +63,10 @@ def rel_err(x, ref):
     x = x.detach().to("cpu", torch.float64)
     ref = ref.detach().to("cpu", torch.float64)
     return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def outputs_and_grads(model, x):
+    """``[model(x), *d(Σ model(x)²)/d(trainable params)]``: what two paths must agree on."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(x)
+    return [out, *torch.autograd.grad(out.square().sum(), params)]

@@ -9,6 +9,7 @@ from torch import nn
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
 import lie_kernels as lk  # noqa: E402
 from lie_kernels.integrations.peft import LieraLayer, liera_config, patch_hira  # noqa: E402
+from helpers import outputs_and_grads  # noqa: E402
 
 
 class Net(nn.Module):
@@ -37,19 +38,15 @@ def _hira_model():
     return model
 
 
-def _value_and_grads(model, x):
-    params = [p for p in model.parameters() if p.requires_grad]
-    out = model(x)
-    return [out, *torch.autograd.grad(out.square().sum(), params)]
 
 
 def test_patched_hira_matches_peft():
     model = _hira_model()
     x = torch.randn(2, 3, 7)
-    want = _value_and_grads(model, x)
+    want = outputs_and_grads(model, x)
     with patch_hira(model) as patch:
         assert len(patch.layers) == 4
-        got = _value_and_grads(model, x)
+        got = outputs_and_grads(model, x)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     assert all("forward" not in vars(m) for m in patch.layers)  # restored
@@ -118,8 +115,8 @@ def test_liera_peft_matches_lie_kernels(order, parametrization):
     assert trainable and all(".lora_A.default.lie_" in n for n in trainable)
     ref = _as_lie_kernels(model, order=order, parametrization=parametrization)
     x = torch.randn(2, 3, 7)
-    want = _value_and_grads(ref, x)
-    for g, w in zip(_value_and_grads(model, x), want):
+    want = outputs_and_grads(ref, x)
+    for g, w in zip(outputs_and_grads(model, x), want):
         torch.testing.assert_close(g, w)
 
 

@@ -15,7 +15,7 @@ import lie_kernels as lk
 from lie_kernels.reference import lie_weight_ref
 
 from conftest import backend_cases
-from helpers import f64, rel_err
+from helpers import f64, outputs_and_grads, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ORDERS = [0, 1, 2, 3, 8, None]
@@ -350,10 +350,6 @@ def _hira(mode):
     return model
 
 
-def _outputs_and_grads(model, x):
-    params = [p for p in model.parameters() if p.requires_grad]
-    out = model(x)
-    return [out, *torch.autograd.grad(out.square().sum(), params)]
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
@@ -361,12 +357,12 @@ def test_patch_hira_keeps_peft_numbers_for_padded_convs(mode):
     model = _hira(mode)
     from lie_kernels.integrations.peft import patch_hira
     x = torch.randn(2, 3, 7, 6)
-    want = _outputs_and_grads(model, x)
+    want = outputs_and_grads(model, x)
     with patch_hira(model) as patch:
         assert len(patch.layers) == 1 and len(patch.fallbacks) == 1
         (name, why), = patch.fallbacks.items()
         assert name.endswith(".c") and f"padding_mode={mode!r}" in why
-        got = _outputs_and_grads(model, x)
+        got = outputs_and_grads(model, x)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
