@@ -18,8 +18,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .base import (Backend, columns_from_order, columns_to_order, empty_in_order,
-                   kernel_limits, memory_order, order_zero_backward, rows_view)
+from .base import (Backend, columns_from_order, empty_in_order, kernel_limits,
+                   order_zero_backward, rows_view, weight_rows)
 
 try:
     import triton
@@ -169,20 +169,9 @@ class TritonBackend(Backend):
             reasons.append(f"device {weight.device.type} is not supported")
         return reasons + kernel_limits(weight, u, order, MAX_ORDER, MAX_RANK)
 
-    @staticmethod
-    def _views(weight: Tensor, p: Tensor):
-        """W's (R, M) view in memory order (a copy only for a non-dense W), p's
-        columns in that order, and the order."""
-        perm = memory_order(weight)
-        w2 = rows_view(weight, perm)
-        if w2 is None:  # not a dense permutation: the only case that copies W
-            perm = tuple(range(1, weight.dim()))
-            w2 = weight.reshape(weight.shape[0], -1)
-        return w2, columns_to_order(p, weight.shape, perm), perm
-
     def forward(self, weight: Tensor, u: Tensor, p: Tensor,
                 order: Optional[int], scale: float) -> Tensor:
-        w2, pm, perm = self._views(weight, p)
+        w2, pm, perm = weight_rows(weight, p)
         out = empty_in_order(weight, perm)
         o2 = rows_view(out, perm)
         rows, cols = w2.shape
@@ -202,7 +191,7 @@ class TritonBackend(Backend):
                  ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
         if order == 0:
             return order_zero_backward(grad, weight, u, p, need_dw)
-        w2, pm, perm = self._views(weight, p)
+        w2, pm, perm = weight_rows(weight, p)
         g2 = rows_view(grad, perm)
         if g2 is None:  # g laid out unlike W: one copy into W's order
             g2 = grad.permute(0, *perm).reshape(w2.shape)
@@ -284,7 +273,7 @@ class TritonBackend(Backend):
         return entry
 
     def _grouped(self, weights, us, ps, order, scales):
-        views = [self._views(w, p) for w, p in zip(weights, ps)]
+        views = [weight_rows(w, p) for w, p in zip(weights, ps)]
         w2s = [v[0] for v in views]
         rp = rank_pad(max(u.shape[1] for u in us))
         cfg = (_interp_config(max(w.shape[0] for w in w2s), max(w.shape[1] for w in w2s))

@@ -59,7 +59,7 @@ def usable_backends(device: str, wanted: Optional[List[str]], log) -> List[str]:
         if wanted and name not in wanted:
             continue
         if name == "triton" and device == "cpu":
-            log(f"# skipped triton: on CPU it is the Triton interpreter, not a speed path")
+            log("# skipped triton: on CPU it is the Triton interpreter, not a speed path")
         elif not usable:
             log(f"# skipped {name}: {why}")
         else:
