@@ -220,27 +220,27 @@ def merge(model: nn.Module) -> nn.Module:
             raise RuntimeError(f"merge: Lie layers {names} share one weight Parameter (tied "
                                f"weights); a merged weight can hold one update, not "
                                f"{len(names)}: keep the model unmerged or untie the weights")
-    for n, m in todo:
-        try:
-            m.merged_weight()
-        except (RuntimeError, ValueError) as exc:
-            raise type(exc)(f"merge: layer {n!r}: {exc} (no layer was merged)") from exc
-    for _, m in todo:
-        m.merge()
+    _all_or_nothing("merge", todo, LieLayer.merged_weight, LieLayer.merge)
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo ``merge`` with the group inverse on every merged Lie layer (all or nothing)."""
     todo = [(n, m) for n, m in lie_layers(model) if m.merged]
+    _all_or_nothing("unmerge", todo, LieLayer.check_unmerge, LieLayer.unmerge)
+    return model
+
+
+def _all_or_nothing(verb: str, todo, check, apply) -> None:
+    """``check`` every layer (it raises on one that cannot be done), then ``apply`` to
+    all: an error names the layer and leaves every weight as it was."""
     for n, m in todo:
         try:
-            m.check_unmerge()
+            check(m)
         except (RuntimeError, ValueError) as exc:
-            raise type(exc)(f"unmerge: layer {n!r}: {exc} (no layer was unmerged)") from exc
+            raise type(exc)(f"{verb}: layer {n!r}: {exc} (no layer was {verb}d)") from exc
     for _, m in todo:
-        m.unmerge()
-    return model
+        apply(m)
 
 
 def adapted_weights(layers: Sequence[LieLayer]) -> List[Tensor]:
