@@ -2,9 +2,10 @@
 # One-shot GPU check for a machine with one NVIDIA GPU (e.g. the H200 device tool):
 # build the CUDA extension, run the test suite on the GPU (every backend on CUDA tensors,
 # bf16 included), run the sweep with bandwidth fractions and the roofline prediction beside
-# each Triton measurement (pred_ms, pred_frac), and write everything under $OUT (default
-# bench/results/<date>-<gpu>/). Budget: under 9 minutes in all (the device tool allows 10 a call,
-# 15 a session). No network needed.
+# each Triton measurement (pred_ms, pred_frac), then a few rows again under
+# torch.use_deterministic_algorithms(True) (the split-partial backward), and write everything
+# under $OUT (default bench/results/<date>-<gpu>/). Budget: under 10 minutes in all (the device
+# tool allows 10 a call, 15 a session). No network needed.
 # The static kernel gate (tests/test_kernel_health.py) needs no GPU and runs in CI: skipped here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,4 +32,12 @@ $PY -m lie_kernels.bench roofline --out "$OUT" > /dev/null 2>&1; step "roofline 
 timeout 120 $PY -m lie_kernels.bench --shapes all --orders 1,4,exact --dtypes bf16 \
   --no-memory --out "$OUT" > /dev/null 2>&1; step "sweep rc=$?"
 timeout 30 $PY -m lie_kernels.bench multi --out "$OUT" > /dev/null 2>&1; step "multi rc=$?"
+# the deterministic backward (split partials, fixed order) beside the default atomic one
+mkdir -p "$OUT/deterministic"
+CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout 60 $PY -c "import sys, torch
+torch.use_deterministic_algorithms(True)
+from lie_kernels.bench.__main__ import main
+main(sys.argv[1:])" --shapes linear.4096x4096,linear.11008x4096,sd15.3x3.1280 --orders 1 \
+  --dtypes bf16 --params lowrank --passes fwdbwd --no-memory --out "$OUT/deterministic" \
+  > /dev/null 2>&1; step "deterministic sweep rc=$?"
 ls -la "$OUT"

@@ -23,7 +23,8 @@ Row schema (one dict per kernel configuration, shared with ``cuda_report``):
     ldg128       bool  128-bit global loads (LDG.E.128) present
     stg128       bool  128-bit global stores (STG.E.128) present
     mma          bool  tensor-core instructions (HMMA/HGMMA) present
-    contract     str   what this kernel must show: "ldg128 stg128 mma" (any subset)
+    red          bool  hardware global atomics (RED/ATOM) present
+    contract     str   what this kernel must show: "ldg128 stg128 mma red" (any subset)
 
 The SASS helpers (``tool``, ``resource_usage``, ``sass``, ``sass_features``,
 ``blocks_per_sm``, ``cubin_row``, ``check_row``) work on any cubin or nvcc object.
@@ -89,11 +90,13 @@ def sass(cubin) -> str:
 
 
 def sass_features(text: str) -> Dict[str, bool]:
-    """Spills (STL/LDL), 128-bit global loads/stores, tensor-core MMA in SASS text."""
+    """Spills (STL/LDL), 128-bit global loads/stores, tensor-core MMA and hardware
+    global atomics in SASS text."""
     return dict(spill=bool(re.search(r"\b(STL|LDL)\b", text)),
                 ldg128=bool(re.search(r"\bLDG\.E[.\w]*\.128\b", text)),
                 stg128=bool(re.search(r"\bSTG\.E[.\w]*\.128\b", text)),
-                mma=bool(re.search(r"\b(HMMA|HGMMA|IMMA)\b", text)))
+                mma=bool(re.search(r"\b(HMMA|HGMMA|IMMA)\b", text)),
+                red=bool(re.search(r"\b(REDG?|ATOMG?)\.E\b", text)))
 
 
 def blocks_per_sm(regs: int, threads: int, smem: int, arch: int) -> int:
@@ -122,7 +125,7 @@ def cubin_row(cubin, *, kernel: str, arch: int, dtype: str, order: str, rank_pad
                 spill=feats["spill"], smem_bytes=smem,
                 blocks_per_sm=blocks_per_sm(u["regs"], 32 * num_warps, smem, arch),
                 ldg128=feats["ldg128"], stg128=feats["stg128"], mma=feats["mma"],
-                contract=contract)
+                red=feats["red"], contract=contract)
 
 
 def check_row(row: dict) -> List[str]:
@@ -141,7 +144,7 @@ def check_row(row: dict) -> List[str]:
 
 
 COLUMNS = ("kernel", "arch", "dtype", "order", "rank_pad", "num_warps", "regs", "stack_bytes",
-           "spill", "smem_bytes", "blocks_per_sm", "ldg128", "stg128", "mma", "contract")
+           "spill", "smem_bytes", "blocks_per_sm", "ldg128", "stg128", "mma", "red", "contract")
 
 
 def format_table(rows: Iterable[dict]) -> str:

@@ -7,6 +7,7 @@ tests/test_indexing64.py.
 """
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lie_kernels as lk
 from lie_kernels.backends import get_backend, select_backend, triton_backend
@@ -57,17 +58,101 @@ def test_auto_picks_triton_only_on_gpu():
     assert chosen == ("triton" if DEVICE == "cuda" else "torch")
 
 
+@pytest.fixture(params=[False, True], ids=["atomic", "deterministic"])
+def deterministic(request):
+    """Both backward reductions: fp32 atomics (default) and ordered split sums
+    (``torch.use_deterministic_algorithms(True)``)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(request.param)
+    yield request.param
+    torch.use_deterministic_algorithms(before)
+
+
 @needs_triton
 @pytest.mark.parametrize("order", [1, 4])
 def test_backward_is_deterministic(order):
-    w, a, b = lowrank_inputs((96, 600), 8, device=DEVICE)
-    a.requires_grad_()
-    grads = []
-    for _ in range(2):
-        out = lk.lie_weight_lowrank(w, a, b, order=order, scale=0.3, backend="triton")
-        (ga,) = torch.autograd.grad(out, a, torch.ones_like(out))
-        grads.append(ga)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        w, a, b = lowrank_inputs((96, 600), 8, device=DEVICE)
+        a.requires_grad_()
+        grads = []
+        for _ in range(2):
+            out = lk.lie_weight_lowrank(w, a, b, order=order, scale=0.3, backend="triton")
+            (ga,) = torch.autograd.grad(out, a, torch.ones_like(out))
+            grads.append(ga)
+    finally:
+        torch.use_deterministic_algorithms(before)
     assert torch.equal(grads[0], grads[1])
+
+
+@needs_triton
+@pytest.mark.parametrize("order", [1, 4, None])
+@pytest.mark.parametrize("wdt,factors", [(torch.float32, torch.float32),
+                                         (torch.float16, torch.float16),
+                                         (torch.float16, torch.float32)],
+                         ids=["f32", "f16", "f16-w-f32-factors"])
+def test_both_reductions_match_fp64(monkeypatch, deterministic, order, wdt, factors):
+    """Several row and column splits (in the interpreter: 16x16 tiles and 8 programs,
+    so each program runs several row blocks and column tiles), a non-contiguous W,
+    every factor gradient and dW, in either reduction, against the fp64 reference
+    (fp16 factors: judged at their rounding)."""
+    monkeypatch.setattr(triton_backend, "BWD_PROGRAMS", 8)
+    monkeypatch.setattr(triton_backend, "_interp_config",
+                        lambda rows, cols: triton_backend.Config(16, 16, 4, 1))
+    w, a, b = lowrank_inputs((200, 8, 25), 12, device=DEVICE, noncontig=True)
+    if DEVICE == "cpu":
+        plan = triton_backend.bwd_plan(200, 200, triton_backend._interp_config(200, 200),
+                                       atomic=not deterministic)
+        assert (plan.row_splits, plan.col_splits, plan.rb_per, plan.ct_per) == (2, 4, 7, 4)
+    a, b = a.to(factors).requires_grad_(), b.to(factors).requires_grad_()
+    w = w.to(wdt).requires_grad_()
+    out = lk.lie_weight_lowrank(w, a, b, order=order, scale=0.7, backend="triton")
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref, (rw, ra, rb) = ref_lowrank(w, a, b, order, 0.7)
+    ref.backward(g.double().cpu())
+    tol = 2e-6 if wdt == torch.float32 else 2e-3
+    assert rel_err(out, ref) < tol and rel_err(w.grad, rw.grad) < tol
+    assert rel_err(a.grad, ra.grad) < tol and rel_err(b.grad, rb.grad) < tol
+    assert a.grad.dtype == b.grad.dtype == factors
+
+
+class _Allocations(TorchDispatchMode):
+    """Every fp32 buffer the backend allocates (the interpreter's own bytes are uint8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tensors = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._schema.name in ("aten::empty", "aten::zeros", "aten::empty_strided") and \
+                out.dtype == torch.float32 and out.numel():
+            self.tensors.append(out)
+        return out
+
+
+@needs_triton
+@pytest.mark.parametrize("factors", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_backward_scratch_is_what_the_plan_says(deterministic, factors):
+    """The fp32 scratch the backward allocates beyond its outputs is the plan's count
+    (what the roofline reports): with atomics on a 512x512 fp16 W at rank 16 that is
+    at most W/8 (r(R+M) floats), and nothing with fp32 factors."""
+    w = torch.randn(512, 512, device=DEVICE).half()
+    u, p = (0.1 * torch.randn(512, 16, device=DEVICE)).to(factors), \
+        (0.1 * torch.randn(16, 512, device=DEVICE)).to(factors)
+    with _Allocations() as seen:
+        _, du, dp = triton_backend.BACKEND.backward(torch.randn_like(w), w, u, p, 2, 0.5, False)
+    outputs = {du.untyped_storage().data_ptr(), dp.untyped_storage().data_ptr()}
+    scratch = sum(t.numel() for t in seen.tensors
+                  if t.untyped_storage().data_ptr() not in outputs)
+    cfg = (triton_backend._interp_config(512, 512) if DEVICE == "cpu"
+           else triton_backend.bwd_config(16, "fp16"))
+    plan = triton_backend.bwd_plan(512, 512, cfg, atomic=not deterministic)
+    assert scratch == plan.scratch_floats(512, 512, 16, factors == torch.float32)
+    if not deterministic:
+        assert 4 * scratch <= w.numel() * w.element_size() / 8
 
 
 @needs_triton

@@ -90,6 +90,7 @@ def rows_from_object(obj: Path) -> List[dict]:
                     stack_bytes=u["stack"], spill=feats["spill"], smem_bytes=u["smem"],
                     blocks_per_sm=kr.blocks_per_sm(u["regs"], THREADS, u["smem"], arch),
                     ldg128=feats["ldg128"], stg128=feats["stg128"], mma=feats["mma"],
+                    red=feats["red"],
                     contract=CONTRACTS[kind]))
     return out
 

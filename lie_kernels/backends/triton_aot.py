@@ -42,10 +42,11 @@ class Case(NamedTuple):
     rank_pad: int
     factors: str = ""    # factor dtype when it differs from W's ("fp32")
     need_dw: bool = False
+    atomic: bool = False  # backward: atomic accumulators instead of split partials
 
     def describe(self) -> str:
         extra = (f" factors={self.factors}" if self.factors else "") + \
-            (" need_dw" if self.need_dw else "")
+            (" need_dw" if self.need_dw else "") + (" atomic" if self.atomic else "")
         return (f"{self.kernel} {self.dtype} order={order_name(self.order)} "
                 f"rank_pad={self.rank_pad}{extra}")
 
@@ -55,7 +56,15 @@ def order_name(order: int) -> str:
 
 
 def cases(arch: int = 90) -> Iterator[Case]:
-    """Everything the gate compiles for ``arch`` (coverage: module docstring)."""
+    """Everything the gate compiles for ``arch`` (coverage: module docstring); every
+    backward in both reductions (split partials and atomics)."""
+    for case in _cases(arch):
+        yield case
+        if case.kernel == "bwd":
+            yield case._replace(atomic=True)
+
+
+def _cases(arch: int) -> Iterator[Case]:
     for dtype in DTYPES:
         if arch != 90:  # sm_80: the corners only (smallest/largest rank pad, heavy orders)
             for order, rp in itertools.product(HEAVY_ORDERS, (16, 128)):
@@ -99,7 +108,7 @@ def _source(case: Case):
                      BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, DOT=dot)
         div = ("w_ptr", "u_ptr", "p_ptr", "out_ptr", "M", "s_wr", "s_pk", "s_or")
     elif case.kernel == "bwd":
-        cfg = bwd_config(case.rank_pad, case.dtype)
+        cfg = bwd_config(case.rank_pad, case.dtype, case.factors == "fp32")
         fn = lie_bwd_kernel
         sig = dict(g_ptr=d, w_ptr=d, u_ptr=f, p_ptr=f, dw_ptr=d, du_part_ptr="*fp32",
                    dp_part_ptr="*fp32", R="i32", M="i32", r="i32",
@@ -108,7 +117,7 @@ def _source(case: Case):
         const = dict(s_gc=1, s_wc=1, s_uk=1, s_pc=1, s_dc=1, ORDER=case.order,
                      DORDER=EXACT if case.order == EXACT else case.order - 1,
                      NEED_DW=case.need_dw, RP=case.rank_pad, BLOCK_R=cfg.block_r,
-                     BLOCK_C=cfg.block_c, DOT=dot)
+                     BLOCK_C=cfg.block_c, DOT=dot, ATOMIC=case.atomic)
         div = ("g_ptr", "w_ptr", "u_ptr", "p_ptr", "dw_ptr", "du_part_ptr", "dp_part_ptr",
                "M", "s_gr", "s_wr", "s_pk", "s_dr")
     elif case.kernel == "grouped":
@@ -124,7 +133,7 @@ def _source(case: Case):
         fn = lie_reduce_kernel
         sig = dict(du_part_ptr="*fp32", du_ptr=d, n_du="i32", du_splits="i32",
                    du_progs="i32", dp_part_ptr="*fp32", dp_ptr=d, n_dp="i32",
-                   dp_splits="i32", scale="fp32")
+                   dp_splits="i32")
         const = dict(BLOCK=1024)
         div = ("du_part_ptr", "du_ptr", "dp_part_ptr", "dp_ptr", "n_du", "n_dp")
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
@@ -136,12 +145,16 @@ def _source(case: Case):
 
 def contract(case: Case) -> str:
     """What the SASS of a case must show: 128-bit loads/stores where W/g/W' rows
-    are contiguous and aligned, MMA where a 16-bit rank contraction runs."""
+    are contiguous and aligned, MMA where a 16-bit rank contraction runs, and
+    hardware atomic reductions (not compare-and-swap loops) in an atomic backward."""
     mma = case.dtype != "fp32" and case.order != 0 and case.kernel != "reduce"
     if case.kernel == "fwd":
         vec = "ldg128 stg128"
     elif case.kernel == "bwd":
-        vec = "ldg128 stg128" if case.need_dw else "ldg128"
+        # dW at rank pad 128: the tile that fits (no spill, 2 blocks/SM) gives each thread
+        # 2-4 contiguous elements, a 64-bit store; stated as a known limit in docs/
+        vec = ("ldg128 stg128" if case.need_dw and case.rank_pad < 128 else "ldg128") + \
+            (" red" if case.atomic else "")
     else:  # grouped: pointers come from a table, alignment unknown; reduce: fp32 sums
         vec = ""
     return (vec + (" mma" if mma else "")).strip()
@@ -159,7 +172,7 @@ def _row(job) -> dict:
     arch, case = job
     kernel, options = compile_case(case, arch)
     return kernel_report.cubin_row(
-        kernel.asm["cubin"], kernel=f"triton {case.kernel}"
+        kernel.asm["cubin"], kernel=f"triton {case.kernel}" + (" atomic" if case.atomic else "")
         + (" dW" if case.need_dw else "") + (" f32-factors" if case.factors else ""),
         arch=arch, dtype=case.dtype, order=order_name(case.order), rank_pad=case.rank_pad,
         num_warps=options["num_warps"], contract=contract(case),

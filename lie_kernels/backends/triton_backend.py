@@ -62,9 +62,8 @@ class Config(NamedTuple):
 # Tile shapes per rank pad and W dtype on a GPU. Each one passes the kernel health gate
 # (tests/test_kernel_health.py: no spills, <= 64 KB smem, >= 2 blocks/SM, 128-bit
 # accesses, MMA in 16-bit); the gate's table (python -m lie_kernels.kernel_report) shows
-# what each compiles to; the exception is the fp32 backward at rank pads 64/128 (KNOWN in
-# the test: still local-memory spills). fp32 tiles are smaller: FMA dots hold whole rank
-# vectors per thread.
+# what each compiles to. fp32 tiles are smaller: FMA dots hold whole rank vectors per
+# thread (at rank pad 128 a 16-column tile is what fits 2 blocks/SM without spilling).
 
 def fwd_config(rp: int, dtype: str) -> Config:
     """Forward: W/W' tiles with 16-byte column vectors; u/p operand tiles grow with rp."""
@@ -75,12 +74,15 @@ def fwd_config(rp: int, dtype: str) -> Config:
         Config(32, 128, 4, 2) if rp <= 64 else Config(16, 128, 4, 2)
 
 
-def bwd_config(rp: int, dtype: str) -> Config:
+def bwd_config(rp: int, dtype: str, fp32_factors: bool = False) -> Config:
     """Backward: g, W, t tiles, both dot-operand layouts of t and an (rp × BLOCK_C) fp32
-    dp accumulator in registers."""
+    dp accumulator in registers (fp32 factors over a 16-bit W at rank pad 128: 16-column
+    tiles, the 32-column one spills 8 bytes)."""
+    if dtype != "fp32" and fp32_factors and rp > 64:
+        return Config(16, 16, 4, 1)
     if dtype == "fp32":
         return {16: Config(32, 64, 8, 1), 32: Config(16, 32, 4, 1),
-                64: Config(16, 64, 8, 1)}.get(rp, Config(16, 32, 8, 1))
+                64: Config(16, 32, 4, 1)}.get(rp, Config(16, 16, 4, 1))
     return {16: Config(64, 64, 4, 1), 32: Config(32, 64, 4, 1),
             64: Config(32, 64, 4, 1)}.get(rp, Config(16, 32, 4, 1))
 
@@ -123,6 +125,40 @@ def bwd_splits(row_blocks: int, col_tiles: int, rows: int, cols: int) -> Tuple[i
             best = (cost, s_r, s_c)
         s_r *= 2
     return best[1], best[2]
+
+
+def deterministic() -> bool:
+    """The backward's reduction: ordered split sums (bitwise the same on every run and
+    every GPU) under ``torch.use_deterministic_algorithms(True)``, fp32 atomics otherwise,
+    as PyTorch's own CUDA ops do."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
+class BwdPlan(NamedTuple):
+    """How one backward launch is cut: tiles, each program's run of row blocks and
+    column tiles, the split counts, and the reduction (``lie_bwd_kernel``'s docstring)."""
+    cfg: Config
+    rb_per: int
+    ct_per: int
+    row_splits: int
+    col_splits: int
+    atomic: bool
+
+    def scratch_floats(self, rows: int, cols: int, rank: int, fp32_factors: bool) -> int:
+        """fp32 scratch beyond the outputs: the split partials, or the atomic
+        accumulators (none when the factors are fp32: they are the gradients)."""
+        if self.atomic:
+            return 0 if fp32_factors else rank * (rows + cols)
+        return rank * (self.col_splits * rows + self.row_splits * cols)
+
+
+def bwd_plan(rows: int, cols: int, cfg: Config, atomic: bool) -> BwdPlan:
+    """The launch shape: a function of the tensor shapes only, never of the GPU."""
+    row_blocks, col_tiles = triton.cdiv(rows, cfg.block_r), triton.cdiv(cols, cfg.block_c)
+    s_r, s_c = bwd_splits(row_blocks, col_tiles, rows, cols)
+    rb_per, ct_per = triton.cdiv(row_blocks, s_r), triton.cdiv(col_tiles, s_c)
+    return BwdPlan(cfg, rb_per, ct_per, triton.cdiv(row_blocks, rb_per),
+                   triton.cdiv(col_tiles, ct_per), atomic)
 
 
 class _Table(NamedTuple):
@@ -199,28 +235,35 @@ class TritonBackend(Backend):
         rank = u.shape[1]
         rp = rank_pad(rank)
         cfg = (_interp_config(rows, cols) if _interpreting()
-               else bwd_config(rp, _DTYPE_NAMES[weight.dtype]))
-        row_blocks, col_tiles = triton.cdiv(rows, cfg.block_r), triton.cdiv(cols, cfg.block_c)
-        s_r, s_c = bwd_splits(row_blocks, col_tiles, rows, cols)
-        rb_per, ct_per = triton.cdiv(row_blocks, s_r), triton.cdiv(col_tiles, s_c)
-        s_r, s_c = triton.cdiv(row_blocks, rb_per), triton.cdiv(col_tiles, ct_per)
+               else bwd_config(rp, _DTYPE_NAMES[weight.dtype], u.dtype == torch.float32))
+        plan = bwd_plan(rows, cols, cfg, atomic=not deterministic())
+        s_r, s_c = plan.row_splits, plan.col_splits
         f32 = dict(dtype=torch.float32, device=weight.device)
-        du_part = torch.empty((s_c, rows, rank), **f32)
-        dp_part = torch.empty((s_r, rank, cols), **f32)
+        if plan.atomic:  # one zeroed buffer: the two accumulators
+            acc = torch.zeros(rank * (rows + cols), **f32)
+            du_acc, dp_acc = acc[:rows * rank].view(rows, rank), acc[rows * rank:].view(rank, cols)
+        else:  # du is added into its partials, dp stored into its own
+            du_acc = torch.zeros((s_c, rows, rank), **f32)
+            dp_acc = torch.empty((s_r, rank, cols), **f32)
         dw = empty_in_order(weight, perm) if need_dw else None
-        d2 = rows_view(dw, perm) if need_dw else du_part.view(rows, -1)  # unused pointer
+        d2 = rows_view(dw, perm) if need_dw else w2  # unused pointer
         K.lie_bwd_kernel[(s_r * s_c,)](
-            g2, w2, u, pm, d2, du_part, dp_part, rows, cols, rank, rb_per, ct_per, s_c,
+            g2, w2, u, pm, d2, du_acc, dp_acc, rows, cols, rank, plan.rb_per, plan.ct_per, s_c,
             *g2.stride(), *w2.stride(), *u.stride(), *pm.stride(), *d2.stride(), float(scale),
             ORDER=_order_const(order), DORDER=K.EXACT if order is None else order - 1,
             NEED_DW=need_dw, RP=rp, BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c,
-            DOT=dot_mode(weight.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-        dp = torch.empty((rank, cols), dtype=p.dtype, device=p.device)
-        du_progs = triton.cdiv(du.numel(), REDUCE_BLOCK)
-        K.lie_reduce_kernel[(du_progs + triton.cdiv(dp.numel(), REDUCE_BLOCK),)](
-            du_part, du, du.numel(), s_c, du_progs, dp_part, dp, dp.numel(), s_r,
-            float(scale), BLOCK=REDUCE_BLOCK)
+            DOT=dot_mode(weight.dtype), ATOMIC=plan.atomic, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+        if plan.atomic and u.dtype == p.dtype == torch.float32:
+            du, dp = du_acc, dp_acc  # nothing to sum or cast
+        else:
+            du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+            dp = torch.empty((rank, cols), dtype=p.dtype, device=p.device)
+            splits_u, splits_p = (1, 1) if plan.atomic else (s_c, s_r)
+            du_progs = triton.cdiv(du.numel(), REDUCE_BLOCK)
+            K.lie_reduce_kernel[(du_progs + triton.cdiv(dp.numel(), REDUCE_BLOCK),)](
+                du_acc, du, du.numel(), splits_u, du_progs, dp_acc, dp, dp.numel(), splits_p,
+                BLOCK=REDUCE_BLOCK)
         return dw, du, columns_from_order(dp, weight.shape, perm)
 
     def forward_many(self, weights, us, ps, order, scales):

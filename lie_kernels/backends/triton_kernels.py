@@ -96,6 +96,16 @@ def _dot(a, b, DOT: tl.constexpr, OP_TY: tl.constexpr):
 
 
 @triton.jit
+def _operand(x, DOT: tl.constexpr, w_ptr):
+    """A factor tile as the dot will read it: fp32 factors over a 16-bit W are
+    rounded to W's dtype once at load, not at each of their two dots (halves
+    their registers; the same values reach the tensor cores)."""
+    if DOT == 0:
+        x = x.to(w_ptr.dtype.element_ty)
+    return x
+
+
+@triton.jit
 def _fwd_tile(w_ptr, u_ptr, p_ptr, out_ptr, R, M, r, s_wr, s_wc, s_ur, s_uk, s_pk, s_pc,
               s_or, s_oc, scale, pid_r, pid_c, ORDER: tl.constexpr, RP: tl.constexpr,
               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
@@ -168,32 +178,49 @@ def lie_bwd_kernel(g_ptr, w_ptr, u_ptr, p_ptr, dw_ptr, du_part_ptr, dp_part_ptr,
                    s_gr, s_gc, s_wr, s_wc, s_ur, s_uk, s_pk, s_pc, s_dr, s_dc, scale,
                    ORDER: tl.constexpr, DORDER: tl.constexpr, NEED_DW: tl.constexpr,
                    RP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                   DOT: tl.constexpr):
+                   DOT: tl.constexpr, ATOMIC: tl.constexpr):
     """One program: a run of row blocks × a run of column tiles (fixed split counts).
 
-    Per tile ``t = g ⊙ W ⊙ exp_{K-1}(s·x)`` stays in registers. ``dp`` of a
+    Per tile ``t = g ⊙ W ⊙ exp_{K-1}(s·x)`` stays in registers. ``s·dp`` of a
     column tile accumulates in registers over the program's row run and is
-    stored once into ``dp_part[row_split]``; ``du`` of a row block accumulates
-    in the program's own rows of ``du_part[col_split]`` (a few KB, cache
-    resident, read-modify-written by this program only). A second kernel sums
-    the splits in a fixed order: deterministic, and the same on every GPU.
+    flushed once per tile; ``s·du`` of a row block is added once per tile with
+    a relaxed fp32 atomic (a load-add-store there made ptxas spill at rank pads
+    64/128 in fp32). Two reductions:
+
+    * ``ATOMIC=False`` (deterministic): ``dp`` is stored into
+      ``dp_part[row_split]``; ``du`` goes to the program's own rows of
+      ``du_part[col_split]`` (zeroed by the caller, cache resident). Only this
+      program touches those rows, and each element always from the same thread
+      (the layout is fixed at compile time), so its additions land in program
+      order: column tile 0, 1, 2, ... A second kernel sums the splits in a fixed
+      order: the same bits on every run and every GPU. Scratch:
+      ``4·r·(row_splits·M + col_splits·R)`` bytes.
+    * ``ATOMIC=True``: ``du`` and ``dp`` are added into one ``(R, r)`` and one
+      ``(r, M)`` fp32 accumulator (zeroed by the caller): ``4·r·(R + M)``
+      bytes at most, none when the factors are fp32 (the accumulators are the
+      gradients). The order of the additions, and so the last bits, vary
+      from run to run.
     """
     pid = tl.program_id(0)
     split_r, split_c = pid // col_splits, pid % col_splits
     ks = tl.arange(0, RP)
     kmask = ks < r
-    du_base = du_part_ptr + split_c.to(tl.int64) * R * r
-    dp_base = dp_part_ptr + split_r.to(tl.int64) * r * M
+    if ATOMIC:
+        du_base = du_part_ptr
+        dp_base = dp_part_ptr
+    else:
+        du_base = du_part_ptr + split_c.to(tl.int64) * R * r
+        dp_base = dp_part_ptr + split_r.to(tl.int64) * r * M
     for ct in range(col_tiles_per_split):
         cols = (split_c * col_tiles_per_split + ct) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < M
-        p = _tile(p_ptr, ks, cols, kmask, cmask, s_pk, s_pc)
+        p = _operand(_tile(p_ptr, ks, cols, kmask, cmask, s_pk, s_pc), DOT, w_ptr)
         dp = tl.zeros((RP, BLOCK_C), dtype=tl.float32)
         for rb in range(row_blocks_per_split):
             rows = (split_r * row_blocks_per_split + rb) * BLOCK_R + tl.arange(0, BLOCK_R)
             rmask = rows < R
             mask = rmask[:, None] & cmask[None, :]
-            u = _tile(u_ptr, rows, ks, rmask, kmask, s_ur, s_uk)
+            u = _operand(_tile(u_ptr, rows, ks, rmask, kmask, s_ur, s_uk), DOT, w_ptr)
             y = scale * _dot(u, p, DOT, w_ptr.dtype.element_ty)
             g = _tile(g_ptr, rows, cols, rmask, cmask, s_gr, s_gc).to(tl.float32)
             w = _tile(w_ptr, rows, cols, rmask, cmask, s_wr, s_wc).to(tl.float32)
@@ -202,18 +229,19 @@ def lie_bwd_kernel(g_ptr, w_ptr, u_ptr, p_ptr, dw_ptr, du_part_ptr, dp_part_ptr,
                          (g * exp_series(y, ORDER)).to(dw_ptr.dtype.element_ty), mask=mask)
             t = g * w * exp_series(y, DORDER)
             dp += _dot(tl.trans(u), t, DOT, w_ptr.dtype.element_ty)
-            du_ptrs = du_base + _offsets(rows, ks, r, 1)
-            du_mask = rmask[:, None] & kmask[None, :]
-            du_old = tl.load(du_ptrs, mask=du_mask & (ct > 0), other=0.0)
-            tl.store(du_ptrs, du_old + _dot(t, tl.trans(p), DOT, w_ptr.dtype.element_ty),
-                     mask=du_mask)
-        tl.store(dp_base + _offsets(ks, cols, M, 1), dp, mask=kmask[:, None] & cmask[None, :])
-        # the next column tile reads back this program's du rows: make the stores visible
-        tl.debug_barrier()
+            tl.atomic_add(du_base + _offsets(rows, ks, r, 1),
+                          scale * _dot(t, tl.trans(p), DOT, w_ptr.dtype.element_ty),
+                          mask=rmask[:, None] & kmask[None, :], sem="relaxed")
+        dp_ptrs = dp_base + _offsets(ks, cols, M, 1)
+        dp_mask = kmask[:, None] & cmask[None, :]
+        if ATOMIC:
+            tl.atomic_add(dp_ptrs, scale * dp, mask=dp_mask, sem="relaxed")
+        else:
+            tl.store(dp_ptrs, scale * dp, mask=dp_mask)
 
 
 @triton.jit
-def _split_sum(part_ptr, out_ptr, n, splits, scale, pid, BLOCK: tl.constexpr):
+def _split_sum(part_ptr, out_ptr, n, splits, pid, BLOCK: tl.constexpr):
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -221,16 +249,16 @@ def _split_sum(part_ptr, out_ptr, n, splits, scale, pid, BLOCK: tl.constexpr):
     for _ in range(splits):  # fixed order: deterministic; 64-bit pointer steps
         acc += tl.load(ptrs, mask=mask, other=0.0)
         ptrs += n
-    tl.store(out_ptr + offs, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def lie_reduce_kernel(du_part_ptr, du_ptr, n_du, du_splits, du_progs,
-                      dp_part_ptr, dp_ptr, n_dp, dp_splits, scale, BLOCK: tl.constexpr):
-    """du = scale·Σ_s du_part[s] and dp = scale·Σ_s dp_part[s], cast to the factors'
-    dtypes, in one launch (programs below ``du_progs`` do du)."""
+                      dp_part_ptr, dp_ptr, n_dp, dp_splits, BLOCK: tl.constexpr):
+    """du = Σ_s du_part[s] and dp = Σ_s dp_part[s] (already scaled), cast to the
+    factors' dtypes, in one launch (programs below ``du_progs`` do du)."""
     pid = tl.program_id(0)
     if pid < du_progs:
-        _split_sum(du_part_ptr, du_ptr, n_du, du_splits, scale, pid, BLOCK)
+        _split_sum(du_part_ptr, du_ptr, n_du, du_splits, pid, BLOCK)
     else:
-        _split_sum(dp_part_ptr, dp_ptr, n_dp, dp_splits, scale, pid - du_progs, BLOCK)
+        _split_sum(dp_part_ptr, dp_ptr, n_dp, dp_splits, pid - du_progs, BLOCK)

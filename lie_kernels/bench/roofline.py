@@ -8,10 +8,15 @@ shapes and split counts (``triton_backend.fwd_config``/``bwd_config``/
 
     forward   reads W, u, p; writes W'                       (1 launch)
               MMA 2·rp·R·M flops (16-bit W) or rp·R·M FMAs (fp32 W)
-    backward  reads g, W, u, p; writes dW when asked, and the fp32 partials
-              du_part (col_splits × R × r) and dp_part (row_splits × r × M),
-              which the reduce launch reads back; writes du, dp (2 launches)
-              three rank contractions: 3× the forward's work
+    backward  reads g, W, u, p; writes dW when asked; three rank contractions
+              (3× the forward's work). Then, by reduction:
+      atomic (default; kernel "bwd"): zeroes one fp32 (R + M) × r accumulator
+              (counted once: it stays in L2 until written back), adds into it
+              with atomics; 16-bit factors: a cast launch reads it and writes
+              du, dp (memset + 2 launches); fp32 factors: it is du, dp (memset + 1)
+      deterministic (kernel "bwd-det", torch.use_deterministic_algorithms):
+              zeroes du_part (col_splits × R × r), writes dp_part (row_splits ×
+              r × M); the reduce launch reads both, writes du, dp (memset + 2)
     elementwise fp32 FMAs: ~K+3 per element forward, ~2K+6 backward (exp: ~10)
 
     time = max(bytes / BW, mma_flops / MMA_PEAK + fma / FMA_PEAK) + launches · LAUNCH
@@ -19,8 +24,10 @@ shapes and split counts (``triton_backend.fwd_config``/``bwd_config``/
 The memory floor is ``2·R·M·e / BW`` forward and ``(2 or 3)·R·M·e / BW``
 backward (read g and W, write dW when asked). ``frac_floor = floor / time`` is
 what a measurement should approach; the sweep prints it beside the measured time.
-Factor tiles re-read by every row block are counted once (they sit in L2), as
-is the backward's du read-modify-write (each program's own few KB of rows).
+Factor tiles re-read by every row block are counted once (they sit in L2).
+The backward's atomic additions happen in L2, not HBM: ``l2_atomic_bytes``
+reports them (du once per tile, dp once per tile run) and the time model
+assumes they hide under the HBM stream; a GPU run checks that.
 
 Constants: measured H200 copy bandwidth and bf16 MMA rate (DESIGN.md §4/§5);
 LAUNCH is an assumption (a Triton launch from Python, ~3 µs).
@@ -54,36 +61,43 @@ def _elementwise(order: Optional[int], backward: bool) -> int:
 
 def predict(rows: int, cols: int, rank: int, dtype: str, order: Optional[int],
             kernel: str, need_dw: bool = False, factor_dtype: Optional[str] = None) -> Dict:
-    """Bytes, work and predicted H200 time of one pass (``kernel``: "fwd" or "bwd")."""
-    from ..backends.triton_backend import bwd_config, bwd_splits, fwd_config
+    """Bytes, work and predicted H200 time of one pass (``kernel``: "fwd", "bwd" with
+    atomics, or "bwd-det", the deterministic reduction)."""
+    from ..backends.triton_backend import bwd_config, bwd_plan, fwd_config
     e, ef = ESIZE[dtype], ESIZE[factor_dtype or dtype]
     n, rp = rows * cols, _rank_pad(rank)
     factors = (rows * rank + rank * cols) * ef
+    l2_atomic = 0
     if kernel == "fwd":
         floor = 2 * n * e
         moved, partial, launches, contractions = floor + factors, 0, 1, 1
         cfg = fwd_config(rp, dtype)
     else:
         floor = (3 if need_dw else 2) * n * e
-        cfg = bwd_config(rp, dtype)
-        row_blocks, col_tiles = _cdiv(rows, cfg.block_r), _cdiv(cols, cfg.block_c)
-        s_r, s_c = bwd_splits(row_blocks, col_tiles, rows, cols)
-        rb_per, ct_per = _cdiv(row_blocks, s_r), _cdiv(col_tiles, s_c)
-        s_r, s_c = _cdiv(row_blocks, rb_per), _cdiv(col_tiles, ct_per)
-        partial = 4 * rank * (s_c * rows + s_r * cols)
-        # partials written once and read once by the reduce launch; du, dp written
+        fp32_factors = factor_dtype == "fp32" or dtype == "fp32"
+        plan = bwd_plan(rows, cols, bwd_config(rp, dtype, factor_dtype == "fp32"),
+                        atomic=kernel == "bwd")
+        partial = 4 * plan.scratch_floats(rows, cols, rank, fp32_factors)
+        col_tiles = _cdiv(cols, plan.cfg.block_c)
+        # du: one addition per (row, rank, column tile); dp: one per row split (atomics only)
+        l2_atomic = 4 * rank * (rows * col_tiles + (cols * plan.row_splits if plan.atomic
+                                                    else 0))
+        # memset + kernel (+ the cast/reduce launch when there is scratch); the scratch
+        # is written once (zeroed or stored) and read once; du, dp written
+        launches = 3 if partial else 2
         moved = floor + factors + 2 * partial + factors
-        launches, contractions = 2, 3
+        contractions = 3
     if dtype == "fp32":  # FMA dots (see triton_kernels: why not tf32)
         mma, fma = 0.0, contractions * rp * n
     else:
         mma, fma = contractions * 2 * rp * n, 0
-    fma += _elementwise(order, kernel == "bwd") * n
+    fma += _elementwise(order, kernel != "fwd") * n
     t_mem = moved / BW
     t_compute = (mma / MMA_PEAK[dtype] if mma else 0.0) + fma / FMA_PEAK
     time = max(t_mem, t_compute) + launches * LAUNCH
     return dict(bytes=moved, floor_bytes=floor, bytes_x_floor=moved / floor,
-                partial_bytes=partial, partial_x_w=partial / (n * e), mma_flops=mma,
+                partial_bytes=partial, partial_x_w=partial / (n * e),
+                l2_atomic_bytes=l2_atomic, mma_flops=mma,
                 fma=fma, t_mem_us=t_mem * 1e6, t_compute_us=t_compute * 1e6,
                 launches=launches, time_us=time * 1e6,
                 floor_us=floor / BW * 1e6, frac_floor=floor / BW / time)
@@ -115,7 +129,7 @@ def table(cases: Iterable, dtypes=("bf16", "fp16", "fp32"), orders=(1, 4, None))
         rows, cols = case.shape[0], math.prod(case.shape[1:])
         for dtype in dtypes:
             for order in orders:
-                for kernel in ("fwd", "bwd"):
+                for kernel in ("fwd", "bwd", "bwd-det"):
                     p = predict(rows, cols, case.rank, dtype, order, kernel)
                     out.append(dict(case=case.name, shape="x".join(map(str, case.shape)),
                                     rank=case.rank, dtype=dtype,
@@ -123,6 +137,7 @@ def table(cases: Iterable, dtypes=("bf16", "fp16", "fp32"), orders=(1, 4, None))
                                     MB=round(p["bytes"] / 1e6, 3),
                                     x_floor=round(p["bytes_x_floor"], 3),
                                     partial_x_W=round(p["partial_x_w"], 3),
+                                    l2_atomic_MB=round(p["l2_atomic_bytes"] / 1e6, 3),
                                     mem_us=round(p["t_mem_us"], 2),
                                     compute_us=round(p["t_compute_us"], 2),
                                     pred_us=round(p["time_us"], 2),
@@ -155,7 +170,11 @@ def run(out_dir: str, log=print, ranks: Optional[List[int]] = None) -> List[Dict
     log(f"# H200 roofline of the Triton kernels: BW {BW / 1e12} TB/s, bf16 MMA "
         f"{MMA_PEAK['bf16'] / 1e12:.0f} TFLOP/s, fp32 FMA {FMA_PEAK / 1e12} T/s, "
         f"launch {LAUNCH * 1e6:.0f} us (assumed)")
-    log("# x_floor: bytes moved / bytes floor; frac_floor: floor time / predicted time")
+    log("# x_floor: bytes moved / bytes floor; frac_floor: floor time / predicted time; "
+        "partial_x_W: fp32 scratch / W's bytes")
+    log("# kernel bwd: atomic reduction (default); bwd-det: split partials summed in a "
+        "fixed order (torch.use_deterministic_algorithms); l2_atomic_MB: atomic additions "
+        "served by L2, not in x_floor (assumed hidden under the HBM stream)")
     for line in format_rows(rows):
         log(line)
     path = os.path.join(out_dir, "roofline.csv")
