@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .base import (Backend, columns_from_order, empty_in_order, kernel_limits,
                    order_zero_backward, rows_view, weight_rows)
+from .workspace import Workspace
 
 try:
     import triton
@@ -37,6 +38,8 @@ MAX_ORDER = 8
 #: of the SM count, so the reduction order is the same on every GPU
 BWD_PROGRAMS = 256
 REDUCE_BLOCK = 1024
+#: the backward's fp32 scratch, kept zeroed between calls (no memset launch per call)
+_WORKSPACE = Workspace()
 
 
 def _interpreting() -> bool:
@@ -238,31 +241,34 @@ class TritonBackend(Backend):
                else bwd_config(rp, _DTYPE_NAMES[weight.dtype], u.dtype == torch.float32))
         plan = bwd_plan(rows, cols, cfg, atomic=not deterministic())
         s_r, s_c = plan.row_splits, plan.col_splits
-        f32 = dict(dtype=torch.float32, device=weight.device)
-        if plan.atomic:  # one zeroed buffer: the two accumulators
-            acc = torch.zeros(rank * (rows + cols), **f32)
-            du_acc, dp_acc = acc[:rows * rank].view(rows, rank), acc[rows * rank:].view(rank, cols)
-        else:  # du is added into its partials, dp stored into its own
-            du_acc = torch.zeros((s_c, rows, rank), **f32)
-            dp_acc = torch.empty((s_r, rank, cols), **f32)
         dw = empty_in_order(weight, perm) if need_dw else None
         d2 = rows_view(dw, perm) if need_dw else w2  # unused pointer
-        K.lie_bwd_kernel[(s_r * s_c,)](
-            g2, w2, u, pm, d2, du_acc, dp_acc, rows, cols, rank, plan.rb_per, plan.ct_per, s_c,
-            *g2.stride(), *w2.stride(), *u.stride(), *pm.stride(), *d2.stride(), float(scale),
-            ORDER=_order_const(order), DORDER=K.EXACT if order is None else order - 1,
-            NEED_DW=need_dw, RP=rp, BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c,
-            DOT=dot_mode(weight.dtype), ATOMIC=plan.atomic, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+
+        def run(du_acc: Tensor, dp_acc: Tensor) -> None:
+            K.lie_bwd_kernel[(s_r * s_c,)](
+                g2, w2, u, pm, d2, du_acc, dp_acc, rows, cols, rank, plan.rb_per, plan.ct_per,
+                s_c, *g2.stride(), *w2.stride(), *u.stride(), *pm.stride(), *d2.stride(),
+                float(scale), ORDER=_order_const(order),
+                DORDER=K.EXACT if order is None else order - 1, NEED_DW=need_dw, RP=rp,
+                BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, DOT=dot_mode(weight.dtype),
+                ATOMIC=plan.atomic, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+        n_du, n_dp = rank * rows, rank * cols
         if plan.atomic and u.dtype == p.dtype == torch.float32:
-            du, dp = du_acc, dp_acc  # nothing to sum or cast
-        else:
-            du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-            dp = torch.empty((rank, cols), dtype=p.dtype, device=p.device)
-            splits_u, splits_p = (1, 1) if plan.atomic else (s_c, s_r)
-            du_progs = triton.cdiv(du.numel(), REDUCE_BLOCK)
-            K.lie_reduce_kernel[(du_progs + triton.cdiv(dp.numel(), REDUCE_BLOCK),)](
-                du_acc, du, du.numel(), splits_u, du_progs, dp_acc, dp, dp.numel(), splits_p,
+            # the accumulators are the gradients: a memset, the kernel, nothing to cast
+            acc = torch.zeros(n_du + n_dp, dtype=torch.float32, device=weight.device)
+            du, dp = acc[:n_du].view(rows, rank), acc[n_du:].view(rank, cols)
+            run(du, dp)
+            return dw, du, columns_from_order(dp, weight.shape, perm)
+        du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+        dp = torch.empty((rank, cols), dtype=p.dtype, device=p.device)
+        splits_u, splits_p = (1, 1) if plan.atomic else (s_c, s_r)
+        with _WORKSPACE.zeros(splits_u * n_du + splits_p * n_dp, weight.device) as scratch:
+            du_acc, dp_acc = scratch[:splits_u * n_du], scratch[splits_u * n_du:]
+            run(du_acc, dp_acc)
+            du_progs = triton.cdiv(n_du, REDUCE_BLOCK)
+            K.lie_reduce_kernel[(du_progs + triton.cdiv(n_dp, REDUCE_BLOCK),)](
+                du_acc, du, n_du, splits_u, du_progs, dp_acc, dp, n_dp, splits_p,
                 BLOCK=REDUCE_BLOCK)
         return dw, du, columns_from_order(dp, weight.shape, perm)
 

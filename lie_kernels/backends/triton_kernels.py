@@ -246,8 +246,10 @@ def _split_sum(part_ptr, out_ptr, n, splits, pid, BLOCK: tl.constexpr):
     mask = offs < n
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     ptrs = part_ptr + offs
+    zero = tl.zeros((BLOCK,), dtype=tl.float32)
     for _ in range(splits):  # fixed order: deterministic; 64-bit pointer steps
         acc += tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(ptrs, zero, mask=mask)  # leave the scratch zeroed for the next call
         ptrs += n
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -256,7 +258,8 @@ def _split_sum(part_ptr, out_ptr, n, splits, pid, BLOCK: tl.constexpr):
 def lie_reduce_kernel(du_part_ptr, du_ptr, n_du, du_splits, du_progs,
                       dp_part_ptr, dp_ptr, n_dp, dp_splits, BLOCK: tl.constexpr):
     """du = Σ_s du_part[s] and dp = Σ_s dp_part[s] (already scaled), cast to the
-    factors' dtypes, in one launch (programs below ``du_progs`` do du)."""
+    factors' dtypes, in one launch (programs below ``du_progs`` do du); the parts
+    are zeroed as they are read (the backend reuses them: ``workspace.py``)."""
     pid = tl.program_id(0)
     if pid < du_progs:
         _split_sum(du_part_ptr, du_ptr, n_du, du_splits, pid, BLOCK)

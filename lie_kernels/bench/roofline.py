@@ -10,13 +10,16 @@ shapes and split counts (``triton_backend.fwd_config``/``bwd_config``/
               MMA 2·rp·R·M flops (16-bit W) or rp·R·M FMAs (fp32 W)
     backward  reads g, W, u, p; writes dW when asked; three rank contractions
               (3× the forward's work). Then, by reduction:
-      atomic (default; kernel "bwd"): zeroes one fp32 (R + M) × r accumulator
-              (counted once: it stays in L2 until written back), adds into it
-              with atomics; 16-bit factors: a cast launch reads it and writes
-              du, dp (memset + 2 launches); fp32 factors: it is du, dp (memset + 1)
+      atomic (default; kernel "bwd"): adds with atomics into one fp32
+              (R + M) × r accumulator; 16-bit factors: it is scratch, and a finish
+              launch reads it, writes du, dp and zeroes it back (2 launches);
+              fp32 factors: it is du, dp, zeroed by a memset (memset + kernel)
       deterministic (kernel "bwd-det", torch.use_deterministic_algorithms):
-              zeroes du_part (col_splits × R × r), writes dp_part (row_splits ×
-              r × M); the reduce launch reads both, writes du, dp (memset + 2)
+              adds du into du_part (col_splits × R × r), stores dp_part
+              (row_splits × r × M); the finish launch reads both, writes du, dp,
+              zeroes them back (2 launches)
+              The scratch is reused zeroed from call to call (backends/workspace.py);
+              above workspace.MAX_FLOATS it is allocated per call: one memset more
     elementwise fp32 FMAs: ~K+3 per element forward, ~2K+6 backward (exp: ~10)
 
     time = max(bytes / BW, mma_flops / MMA_PEAK + fma / FMA_PEAK) + launches · LAUNCH
@@ -63,6 +66,7 @@ def predict(rows: int, cols: int, rank: int, dtype: str, order: Optional[int],
             kernel: str, need_dw: bool = False, factor_dtype: Optional[str] = None) -> Dict:
     """Bytes, work and predicted H200 time of one pass (``kernel``: "fwd", "bwd" with
     atomics, or "bwd-det", the deterministic reduction)."""
+    from ..backends import workspace
     from ..backends.triton_backend import bwd_config, bwd_plan, fwd_config
     e, ef = ESIZE[dtype], ESIZE[factor_dtype or dtype]
     n, rp = rows * cols, _rank_pad(rank)
@@ -82,10 +86,16 @@ def predict(rows: int, cols: int, rank: int, dtype: str, order: Optional[int],
         # du: one addition per (row, rank, column tile); dp: one per row split (atomics only)
         l2_atomic = 4 * rank * (rows * col_tiles + (cols * plan.row_splits if plan.atomic
                                                     else 0))
-        # memset + kernel (+ the cast/reduce launch when there is scratch); the scratch
-        # is written once (zeroed or stored) and read once; du, dp written
-        launches = 3 if partial else 2
-        moved = floor + factors + 2 * partial + factors
+        if not partial:  # atomics into fp32 du, dp: a memset, then the kernel
+            launches, scratch = 2, 0
+        else:  # the kernel, then the finish launch: reads the scratch, zeroes it back
+            dp_part = 0 if plan.atomic else 4 * rank * plan.row_splits * cols
+            scratch = 2 * partial + dp_part  # dp_part is also stored by the kernel
+            if partial > 4 * workspace.MAX_FLOATS:  # too big to keep: a memset per call
+                launches, scratch = 3, scratch + partial
+            else:
+                launches = 2
+        moved = floor + factors + scratch + factors
         contractions = 3
     if dtype == "fp32":  # FMA dots (see triton_kernels: why not tf32)
         mma, fma = 0.0, contractions * rp * n

@@ -1,0 +1,62 @@
+"""Zeroed fp32 scratch reused from call to call, one buffer per (device, stream).
+
+The Triton backward adds into fp32 scratch that must start at zero, and its
+finish kernel zeroes what it read. Keeping that scratch between calls saves the
+memset launch a fresh ``torch.zeros`` costs on every backward, a third of the
+launches of a small layer's backward (those are launch-bound).
+
+Safety: a buffer is taken out of the pool for the duration of a call, so a
+concurrent call on the same stream gets a fresh one instead of sharing it;
+kernels on one stream run in order, so the next call there sees the zeros the
+finish kernel wrote. A call that raises returns its buffer marked dirty, and the
+next user zeroes it first. Scratch above ``MAX_FLOATS`` is allocated per call.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Dict, Iterator, Tuple
+
+import torch
+from torch import Tensor
+
+#: larger scratch is allocated zeroed per call: next to such a kernel the memset is
+#: noise, and a persistent buffer that size would hold memory for nothing (8 MiB)
+MAX_FLOATS = 1 << 21
+
+
+def _key(device: torch.device) -> Tuple:
+    if device.type == "cuda":
+        return device.type, device.index, torch.cuda.current_stream(device).cuda_stream
+    return device.type, device.index
+
+
+class Workspace:
+    """A pool of all-zero fp32 buffers keyed by (device, stream)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._free: Dict[Tuple, Tuple[Tensor, bool]] = {}  # key -> (buffer, all zero)
+
+    @contextmanager
+    def zeros(self, n: int, device: torch.device) -> Iterator[Tensor]:
+        """An all-zero fp32 tensor of ``n`` elements. The caller must leave it all
+        zero again (in stream order) when the block exits normally."""
+        if n > MAX_FLOATS:
+            yield torch.zeros(n, dtype=torch.float32, device=device)
+            return
+        key = _key(device)
+        with self._lock:
+            buf, clean = self._free.pop(key, (None, True))
+        if buf is None or buf.numel() < n:
+            size = min(MAX_FLOATS, 1 << max(0, n - 1).bit_length())
+            buf, clean = torch.zeros(size, dtype=torch.float32, device=device), True
+        if not clean:
+            buf.zero_()
+        ok = False
+        try:
+            yield buf[:n]
+            ok = True
+        finally:
+            with self._lock:
+                self._free[key] = (buf, ok)
