@@ -100,19 +100,30 @@ class TorchBackend(Backend):
         single = step == rows  # one block: dp is one GEMM, no zero-filled accumulator
         dp = None if single else torch.zeros((p.shape[0], cols), dtype=cd, device=weight.device)
         xbuf = torch.empty((step, cols), dtype=cd, device=weight.device) if need_x else None
-        tbuf = torch.empty((step, cols), dtype=cd, device=weight.device)
+        # exact exp: t is formed in x's buffer (exp in place), no second buffer
+        tbuf = None if exact else torch.empty((step, cols), dtype=cd, device=weight.device)
         for r0, r1 in _blocks(rows, cols):
             n = r1 - r0
-            w, g, t, ub = _part(w2, r0, n), _part(g2, r0, n), _part(tbuf, 0, n), _part(uc, r0, n)
+            w, g, ub = _part(w2, r0, n), _part(g2, r0, n), _part(uc, r0, n)
             if need_x:
                 x = _part(xbuf, 0, n).addmm_(ub, pc, beta=0, alpha=alpha)
-            if need_dw:  # dW = g ⊙ exp_K(s·x)
-                torch.mul(g, exp_series_(x, order, t, xs), out=_part(dw, r0, n))
-            # t = g ⊙ W ⊙ exp_{K-1}(s·x) = dL/d(s·x) (exact exp: g ⊙ W ⊙ exp(s·x))
-            if order == 1:
-                t.copy_(g).mul_(w)  # in fp32: torch.mul(g, w, out=t) would round g·W to 16 bits
+            # t = g ⊙ W ⊙ exp_{K-1}(s·x) = dL/d(s·x) (exact exp: g ⊙ W ⊙ exp(s·x));
+            # dW = g ⊙ exp_K(s·x)
+            if exact:
+                e = x.exp_()
+                if need_dw:
+                    torch.mul(g, e, out=_part(dw, r0, n))
+                t = e.mul_(g).mul_(w)
             else:
-                exp_series_(x, None if exact else order - 1, t, xs).mul_(g).mul_(w)
+                t = _part(tbuf, 0, n)
+                if need_dw:
+                    torch.mul(g, exp_series_(x, order, t, xs), out=_part(dw, r0, n))
+                if order == 1 and w.dtype == cd:
+                    torch.mul(g, w, out=t)
+                elif order == 1:  # 16-bit: torch.mul(g, w, out=t) would round g·W to 16 bits
+                    t.copy_(g).mul_(w)
+                else:
+                    exp_series_(x, order - 1, t, xs).mul_(g).mul_(w)
             # du = s·t pᵀ, dp = s·uᵀ t: the scale rides on the GEMMs
             _part(du, r0, n).addmm_(t, pc.t(), beta=0, alpha=scale)
             if single:
