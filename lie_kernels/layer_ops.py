@@ -12,8 +12,9 @@ saves what the frozen base layer needs (x) plus W and the factors::
 
 so at most one W-sized temporary is alive at a time. For Linear the last two
 lines are one call, ``backend.linear_backward(g_y, x, ...)``: the seam where a
-backend may fuse ``g_yᵀ x`` with the Lie backward so G is never written (no
-backend does yet; the default forms G).
+backend may fuse ``g_yᵀ x`` with the Lie backward so G is never written. The
+Triton backend does for a 16-bit W (``lie_linear_bwd_kernel``: the GEMM with the
+Lie backward as its epilogue); the default forms G.
 
 Recomputing W' costs one more fused forward per layer; for layers below
 ``FUSE_MIN_NUMEL`` weight elements that is not worth the few KiB it saves, and

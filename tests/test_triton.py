@@ -287,3 +287,57 @@ def test_fp32_factors_with_fp16_weight(order):
     ref.backward(g.double().cpu())
     assert rel_err(out, ref) < 1e-3
     assert rel_err(a.grad, ra.grad) < 1e-3 and rel_err(b.grad, rb.grad) < 1e-3
+
+
+@needs_triton
+@pytest.mark.parametrize("order", [1, 3, None])
+@pytest.mark.parametrize("factors", [torch.float16, torch.float32], ids=["f16", "f32"])
+@pytest.mark.parametrize("need_dw", [False, True], ids=["", "dW"])
+def test_fused_linear_backward_matches_fp64(monkeypatch, order, factors, need_dw):
+    """The Linear backward with dL/dW' = grad_yᵀ x fused into the Lie backward (16-bit
+    W): du, dp and dW against fp64 of the same math, with odd sizes, several tiles
+    of every axis and a non-contiguous x. The fused kernel must be what runs."""
+    monkeypatch.setattr(triton_backend, "_interp_linear_config",
+                        lambda rows, cols, n: triton_backend.LinearConfig(32, 32, 16, 4, 1))
+    monkeypatch.setattr(triton_backend.Backend, "linear_backward", None)  # no fallback
+    n, c_out, c_in, r = 77, 70, 90, 6
+    w = torch.randn(c_out, c_in, device=DEVICE).half()
+    u = (0.3 * torch.randn(c_out, r, device=DEVICE)).to(factors)
+    p = (0.3 * torch.randn(r, c_in, device=DEVICE)).to(factors)
+    x = torch.randn(c_in, n, device=DEVICE).half().t()
+    gy = torch.randn(n, c_out, device=DEVICE).half()
+    assert not x.is_contiguous()
+    dw, du, dp = triton_backend.BACKEND.linear_backward(gy, x, w, u, p, order, 0.5, need_dw)
+    ref, (rw, rp, ru) = ref_lowrank(w, p, u, order, 0.5)
+    ref.backward(gy.double().cpu().t() @ x.double().cpu())
+    # fp16 factors round on output; on a GPU the rank contractions also round u, p and
+    # t to fp16 for the tensor cores (the interpreter runs them in fp32)
+    tol = 1e-5 if factors == torch.float32 and DEVICE == "cpu" else 2e-3
+    assert du.dtype == dp.dtype == factors
+    assert rel_err(du, ru.grad) < tol and rel_err(dp, rp.grad) < tol
+    if need_dw:
+        assert dw.dtype == torch.float16 and rel_err(dw, rw.grad) < 2e-3
+    else:
+        assert dw is None
+
+
+@needs_triton
+def test_fused_linear_backward_steps_aside_when_it_should(monkeypatch):
+    """fp32 W and deterministic mode take the default path (form dL/dW', then the
+    backward with split partials); a 16-bit W otherwise does not."""
+    calls = []
+    real = triton_backend.Backend.linear_backward
+    monkeypatch.setattr(triton_backend.Backend, "linear_backward",
+                        lambda self, *a: (calls.append(a[2].dtype), real(self, *a))[1])
+    be = triton_backend.BACKEND
+    w, u, p = torch.randn(8, 12, device=DEVICE), torch.randn(8, 2, device=DEVICE), \
+        torch.randn(2, 12, device=DEVICE)
+    x, gy = torch.randn(5, 12, device=DEVICE), torch.randn(5, 8, device=DEVICE)
+    be.linear_backward(gy, x, w, u, p, 1, 0.5, False)
+    be.linear_backward(gy.half(), x.half(), w.half(), u, p, 1, 0.5, False)
+    torch.use_deterministic_algorithms(True)
+    try:
+        be.linear_backward(gy.half(), x.half(), w.half(), u, p, 1, 0.5, False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert calls == [torch.float32, torch.float16]

@@ -13,7 +13,9 @@ Coverage ("every configuration the backend can launch"), for fp32/fp16/bf16 W:
 on sm_90 every order at rank pad 16 and every rank pad (16..128) at the
 heaviest orders (8: the longest Horner chain; exact: ``exp``), plus dW, the
 grouped kernel and fp32 factors with a 16-bit W at the smallest and largest
-rank pad; on sm_80 the corners (orders 8/exact at rank pads 16 and 128).
+rank pad; on sm_80 the corners (orders 8/exact at rank pads 16 and 128). Every
+backward in both reductions; the fused Linear backward (16-bit W, atomics only)
+at order 1 and at the heavy orders over every rank pad.
 Between those points only the length of an unrolled Horner chain or the tile
 shape changes, so the corners bound the rest; compiling all ~400 combinations
 would take about 15 minutes on 2 cores, the gate about 4. ``python -m lie_kernels.backends.triton_aot 80 90`` compiles
@@ -27,7 +29,7 @@ import sys
 from typing import Iterator, NamedTuple
 
 from .triton_kernels import (DOT_16, DOT_IEEE, EXACT, lie_bwd_kernel, lie_fwd_grouped_kernel,
-                             lie_fwd_kernel, lie_reduce_kernel)
+                             lie_fwd_kernel, lie_linear_bwd_kernel, lie_reduce_kernel)
 
 ORDERS = [EXACT, *range(0, 9)]
 HEAVY_ORDERS = (8, EXACT)
@@ -36,7 +38,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 
 
 class Case(NamedTuple):
-    kernel: str          # "fwd" | "bwd" | "grouped" | "reduce"
+    kernel: str          # "fwd" | "bwd" | "linear" | "grouped" | "reduce"
     dtype: str           # W's dtype
     order: int
     rank_pad: int
@@ -69,6 +71,8 @@ def _cases(arch: int) -> Iterator[Case]:
         if arch != 90:  # sm_80: the corners only (smallest/largest rank pad, heavy orders)
             for order, rp in itertools.product(HEAVY_ORDERS, (16, 128)):
                 yield from (Case("fwd", dtype, order, rp), Case("bwd", dtype, order, rp))
+                if dtype != "fp32":
+                    yield Case("linear", dtype, order, rp)
             yield Case("reduce", dtype, 0, 0)
             continue
         for order in ORDERS:
@@ -83,6 +87,13 @@ def _cases(arch: int) -> Iterator[Case]:
             yield Case("grouped", dtype, 8, rp)
             if dtype != "fp32":
                 yield from (Case("fwd", dtype, 8, rp, "fp32"), Case("bwd", dtype, 8, rp, "fp32"))
+        if dtype != "fp32":  # the fused Linear backward (16-bit W only)
+            yield Case("linear", dtype, 1, 16)
+            for rp in RANK_PADS:
+                yield from (Case("linear", dtype, order, rp) for order in HEAVY_ORDERS)
+            for rp in (16, 128):
+                yield from (Case("linear", dtype, 8, rp, need_dw=True),
+                            Case("linear", dtype, 8, rp, "fp32"))
         yield Case("reduce", dtype, 0, 0)
 
 
@@ -95,7 +106,7 @@ def _source(case: Case):
     """ASTSource with the JIT's specialisation for contiguous, aligned tensors, and
     the launch options the backend uses."""
     from triton.compiler import ASTSource
-    from .triton_backend import bwd_config, fwd_config, grouped_config
+    from .triton_backend import bwd_config, fwd_config, grouped_config, linear_bwd_config
     d, f = "*" + case.dtype, "*" + (case.factors or case.dtype)
     dot = DOT_IEEE if case.dtype == "fp32" else DOT_16
     if case.kernel == "fwd":
@@ -120,6 +131,19 @@ def _source(case: Case):
                      BLOCK_C=cfg.block_c, DOT=dot, ATOMIC=case.atomic)
         div = ("g_ptr", "w_ptr", "u_ptr", "p_ptr", "dw_ptr", "du_part_ptr", "dp_part_ptr",
                "M", "s_gr", "s_wr", "s_pk", "s_dr")
+    elif case.kernel == "linear":
+        cfg = linear_bwd_config(case.rank_pad, case.factors == "fp32")
+        fn = lie_linear_bwd_kernel
+        sig = dict(gy_ptr=d, x_ptr=d, w_ptr=d, u_ptr=f, p_ptr=f, dw_ptr=d, du_ptr="*fp32",
+                   dp_ptr="*fp32", N="i32", R="i32", M="i32", r="i32", s_gn="i32",
+                   s_xn="i32", s_wr="i32", s_ur="i32", s_pk="i32", s_dr="i32", scale="fp32",
+                   col_tiles="i32")
+        const = dict(s_gr=1, s_xc=1, s_wc=1, s_uk=1, s_pc=1, s_dc=1, ORDER=case.order,
+                     DORDER=EXACT if case.order == EXACT else case.order - 1,
+                     NEED_DW=case.need_dw, RP=case.rank_pad, BLOCK_R=cfg.block_r,
+                     BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n, DOT=dot)
+        div = ("gy_ptr", "x_ptr", "w_ptr", "u_ptr", "p_ptr", "dw_ptr", "du_ptr", "dp_ptr",
+               "R", "M", "s_gn", "s_xn", "s_wr", "s_pk", "s_dr")
     elif case.kernel == "grouped":
         cfg = grouped_config(case.rank_pad, case.dtype)
         fn = lie_fwd_grouped_kernel
@@ -150,6 +174,8 @@ def contract(case: Case) -> str:
     mma = case.dtype != "fp32" and case.order != 0 and case.kernel != "reduce"
     if case.kernel == "fwd":
         vec = "ldg128 stg128"
+    elif case.kernel == "linear":
+        vec = ("ldg128 stg128" if case.need_dw and case.rank_pad < 128 else "ldg128") + " red"
     elif case.kernel == "bwd":
         # dW at rank pad 128: the tile that fits (no spill, 2 blocks/SM) gives each thread
         # 2-4 contiguous elements, a 64-bit store; stated as a known limit in docs/

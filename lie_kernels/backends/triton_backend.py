@@ -90,6 +90,30 @@ def bwd_config(rp: int, dtype: str, fp32_factors: bool = False) -> Config:
             64: Config(32, 64, 4, 1)}.get(rp, Config(16, 32, 4, 1))
 
 
+class LinearConfig(NamedTuple):
+    """Tile shape of the fused Linear backward: a GEMM over N in BLOCK_N steps."""
+    block_r: int
+    block_c: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def linear_bwd_config(rp: int, fp32_factors: bool = False) -> LinearConfig:
+    """16-bit W only (fp32 W takes the unfused path): the GEMM's operand tiles are
+    pipelined through shared memory; the Lie epilogue holds u/p tiles and t."""
+    if rp <= 32:
+        return LinearConfig(64, 64, 32, 4, 3)
+    return LinearConfig(32, 64, 32, 4, 2) if rp <= 64 and not fp32_factors else \
+        LinearConfig(32, 32, 32, 4, 2)
+
+
+def _interp_linear_config(rows: int, cols: int, n: int) -> LinearConfig:
+    return LinearConfig(min(64, triton.next_power_of_2(rows)),
+                        min(128, triton.next_power_of_2(cols)),
+                        min(64, triton.next_power_of_2(n)), 4, 1)
+
+
 def grouped_config(rp: int, dtype: str) -> Config:
     """Grouped forward: sizes and strides come from a table (no constant strides), so
     it needs more registers than ``fwd_config``'s tiles allow."""
@@ -162,6 +186,35 @@ def bwd_plan(rows: int, cols: int, cfg: Config, atomic: bool) -> BwdPlan:
     rb_per, ct_per = triton.cdiv(row_blocks, s_r), triton.cdiv(col_tiles, s_c)
     return BwdPlan(cfg, rb_per, ct_per, triton.cdiv(row_blocks, rb_per),
                    triton.cdiv(col_tiles, ct_per), atomic)
+
+
+def _accumulate(u: Tensor, p: Tensor, cols: int, splits: Tuple[int, int], run
+                ) -> Tuple[Tensor, Tensor]:
+    """``du`` (like u) and ``dp`` (r × cols, p's dtype) from ``run(du_acc, dp_acc)``, a
+    launch that adds the scaled gradients into zeroed fp32 accumulators, ``splits``
+    = (du, dp) copies of each, summed in a fixed order by the finish kernel.
+
+    fp32 factors with one copy each: the accumulators are the gradients (a memset,
+    then the launch). Otherwise the accumulators come from the reused workspace and
+    the finish kernel sums, casts and zeroes them (two launches, no memset).
+    """
+    rows, rank = u.shape
+    n_du, n_dp = rank * rows, rank * cols
+    if splits == (1, 1) and u.dtype == p.dtype == torch.float32:
+        acc = torch.zeros(n_du + n_dp, dtype=torch.float32, device=u.device)
+        du, dp = acc[:n_du].view(rows, rank), acc[n_du:].view(rank, cols)
+        run(du, dp)
+        return du, dp
+    du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    dp = torch.empty((rank, cols), dtype=p.dtype, device=p.device)
+    s_u, s_p = splits
+    with _WORKSPACE.zeros(s_u * n_du + s_p * n_dp, u.device) as scratch:
+        du_acc, dp_acc = scratch[:s_u * n_du], scratch[s_u * n_du:]
+        run(du_acc, dp_acc)
+        du_progs = triton.cdiv(n_du, REDUCE_BLOCK)
+        K.lie_reduce_kernel[(du_progs + triton.cdiv(n_dp, REDUCE_BLOCK),)](
+            du_acc, du, n_du, s_u, du_progs, dp_acc, dp, n_dp, s_p, BLOCK=REDUCE_BLOCK)
+    return du, dp
 
 
 class _Table(NamedTuple):
@@ -253,24 +306,42 @@ class TritonBackend(Backend):
                 BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, DOT=dot_mode(weight.dtype),
                 ATOMIC=plan.atomic, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-        n_du, n_dp = rank * rows, rank * cols
-        if plan.atomic and u.dtype == p.dtype == torch.float32:
-            # the accumulators are the gradients: a memset, the kernel, nothing to cast
-            acc = torch.zeros(n_du + n_dp, dtype=torch.float32, device=weight.device)
-            du, dp = acc[:n_du].view(rows, rank), acc[n_du:].view(rank, cols)
-            run(du, dp)
-            return dw, du, columns_from_order(dp, weight.shape, perm)
-        du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-        dp = torch.empty((rank, cols), dtype=p.dtype, device=p.device)
-        splits_u, splits_p = (1, 1) if plan.atomic else (s_c, s_r)
-        with _WORKSPACE.zeros(splits_u * n_du + splits_p * n_dp, weight.device) as scratch:
-            du_acc, dp_acc = scratch[:splits_u * n_du], scratch[splits_u * n_du:]
-            run(du_acc, dp_acc)
-            du_progs = triton.cdiv(n_du, REDUCE_BLOCK)
-            K.lie_reduce_kernel[(du_progs + triton.cdiv(n_dp, REDUCE_BLOCK),)](
-                du_acc, du, n_du, splits_u, du_progs, dp_acc, dp, n_dp, splits_p,
-                BLOCK=REDUCE_BLOCK)
+        du, dp = _accumulate(u, p, cols, (1, 1) if plan.atomic else (s_c, s_r), run)
         return dw, du, columns_from_order(dp, weight.shape, perm)
+
+    def linear_backward(self, grad_y: Tensor, x: Tensor, weight: Tensor, u: Tensor,
+                        p: Tensor, order: Optional[int], scale: float, need_dw: bool
+                        ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+        """One kernel: ``dL/dW' = grad_yᵀ x`` tile by tile on tensor cores with the Lie
+        backward as its epilogue, so dL/dW' (W-sized) is never written nor read back.
+        Taken for a 16-bit W with ``grad_y`` and ``x`` in W's dtype (fp32 accumulation,
+        so dL/dW' is not rounded to 16 bits as a separate GEMM would); otherwise, under
+        ``torch.use_deterministic_algorithms(True)`` (its du/dp are atomic sums) and
+        for order 0, the default: form dL/dW', then ``backward``."""
+        if (order == 0 or deterministic() or weight.dtype == torch.float32
+                or grad_y.dtype != weight.dtype or x.dtype != weight.dtype):
+            return super().linear_backward(grad_y, x, weight, u, p, order, scale, need_dw)
+        (n, rows), cols, rank = grad_y.shape, x.shape[1], u.shape[1]
+        rp = rank_pad(rank)
+        cfg = (_interp_linear_config(rows, cols, n) if _interpreting()
+               else linear_bwd_config(rp, u.dtype == torch.float32))
+        col_tiles = triton.cdiv(cols, cfg.block_c)
+        dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) \
+            if need_dw else None
+        d2 = weight if dw is None else dw  # unused pointer without dW
+
+        def run(du_acc: Tensor, dp_acc: Tensor) -> None:
+            K.lie_linear_bwd_kernel[(triton.cdiv(rows, cfg.block_r) * col_tiles,)](
+                grad_y, x, weight, u, p, d2, du_acc, dp_acc, n, rows, cols, rank,
+                *grad_y.stride(), *x.stride(), *weight.stride(), *u.stride(), *p.stride(),
+                *d2.stride(), float(scale), col_tiles, ORDER=_order_const(order),
+                DORDER=K.EXACT if order is None else order - 1, NEED_DW=need_dw, RP=rp,
+                BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n,
+                DOT=dot_mode(weight.dtype), num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+
+        du, dp = _accumulate(u, p, cols, (1, 1), run)
+        return dw, du, dp
 
     def forward_many(self, weights, us, ps, order, scales):
         """All layers of one dtype in one launch of the grouped kernel."""

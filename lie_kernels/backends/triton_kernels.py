@@ -173,6 +173,29 @@ def lie_fwd_grouped_kernel(table_ptr, tile_layer_ptr, scale_ptr, out_ptr,
 
 
 @triton.jit
+def _grad_tile(g, y, w_ptr, dw_ptr, rows, cols, rmask, cmask, s_wr, s_wc, s_dr, s_dc,
+               ORDER: tl.constexpr, DORDER: tl.constexpr, NEED_DW: tl.constexpr):
+    """The Lie backward of one tile, given ``g = dL/dW'`` there (fp32) and
+    ``y = s·u@p``: stores ``dW = g ⊙ exp_K(y)`` when asked and returns
+    ``t = g ⊙ W ⊙ exp_{K-1}(y)``, from which ``du = s·t pᵀ``, ``dp = s·uᵀ t``.
+    (Callers form y before loading g, and add dp before du: the order in which
+    every configuration compiles without spills.)"""
+    w = _tile(w_ptr, rows, cols, rmask, cmask, s_wr, s_wc).to(tl.float32)
+    if NEED_DW:
+        tl.store(dw_ptr + _offsets(rows, cols, s_dr, s_dc),
+                 (g * exp_series(y, ORDER)).to(dw_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])
+    return g * w * exp_series(y, DORDER)
+
+
+@triton.jit
+def _add_du(du_ptr, t, p, rows, ks, r, rmask, kmask, scale, DOT: tl.constexpr, OP_TY):
+    """``du[rows] += s·t pᵀ`` with relaxed fp32 atomics."""
+    tl.atomic_add(du_ptr + _offsets(rows, ks, r, 1), scale * _dot(t, tl.trans(p), DOT, OP_TY),
+                  mask=rmask[:, None] & kmask[None, :], sem="relaxed")
+
+
+@triton.jit
 def lie_bwd_kernel(g_ptr, w_ptr, u_ptr, p_ptr, dw_ptr, du_part_ptr, dp_part_ptr,
                    R, M, r, row_blocks_per_split, col_tiles_per_split, col_splits,
                    s_gr, s_gc, s_wr, s_wc, s_ur, s_uk, s_pk, s_pc, s_dr, s_dc, scale,
@@ -219,25 +242,55 @@ def lie_bwd_kernel(g_ptr, w_ptr, u_ptr, p_ptr, dw_ptr, du_part_ptr, dp_part_ptr,
         for rb in range(row_blocks_per_split):
             rows = (split_r * row_blocks_per_split + rb) * BLOCK_R + tl.arange(0, BLOCK_R)
             rmask = rows < R
-            mask = rmask[:, None] & cmask[None, :]
             u = _operand(_tile(u_ptr, rows, ks, rmask, kmask, s_ur, s_uk), DOT, w_ptr)
             y = scale * _dot(u, p, DOT, w_ptr.dtype.element_ty)
             g = _tile(g_ptr, rows, cols, rmask, cmask, s_gr, s_gc).to(tl.float32)
-            w = _tile(w_ptr, rows, cols, rmask, cmask, s_wr, s_wc).to(tl.float32)
-            if NEED_DW:
-                tl.store(dw_ptr + _offsets(rows, cols, s_dr, s_dc),
-                         (g * exp_series(y, ORDER)).to(dw_ptr.dtype.element_ty), mask=mask)
-            t = g * w * exp_series(y, DORDER)
+            t = _grad_tile(g, y, w_ptr, dw_ptr, rows, cols, rmask, cmask, s_wr, s_wc, s_dr,
+                           s_dc, ORDER, DORDER, NEED_DW)
             dp += _dot(tl.trans(u), t, DOT, w_ptr.dtype.element_ty)
-            tl.atomic_add(du_base + _offsets(rows, ks, r, 1),
-                          scale * _dot(t, tl.trans(p), DOT, w_ptr.dtype.element_ty),
-                          mask=rmask[:, None] & kmask[None, :], sem="relaxed")
+            _add_du(du_base, t, p, rows, ks, r, rmask, kmask, scale, DOT,
+                    w_ptr.dtype.element_ty)
         dp_ptrs = dp_base + _offsets(ks, cols, M, 1)
         dp_mask = kmask[:, None] & cmask[None, :]
         if ATOMIC:
             tl.atomic_add(dp_ptrs, scale * dp, mask=dp_mask, sem="relaxed")
         else:
             tl.store(dp_ptrs, scale * dp, mask=dp_mask)
+
+
+@triton.jit
+def lie_linear_bwd_kernel(gy_ptr, x_ptr, w_ptr, u_ptr, p_ptr, dw_ptr, du_ptr, dp_ptr,
+                          N, R, M, r, s_gn, s_gr, s_xn, s_xc, s_wr, s_wc, s_ur, s_uk, s_pk, s_pc,
+                          s_dr, s_dc, scale, col_tiles,
+                          ORDER: tl.constexpr, DORDER: tl.constexpr, NEED_DW: tl.constexpr,
+                          RP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_N: tl.constexpr, DOT: tl.constexpr):
+    """A Linear layer's backward into its Lie factors: ``dL/dW' = grad_yᵀ x`` one
+    ``(BLOCK_R, BLOCK_C)`` tile per program, accumulated in registers over the N rows
+    of ``grad_y (N, R)`` and ``x (N, M)``, then the Lie backward of that tile as the
+    GEMM's epilogue (``_grad_tile``): dL/dW' is never written. ``du``/``dp``: relaxed
+    fp32 atomics into zeroed accumulators, as ``lie_bwd_kernel`` with ``ATOMIC``."""
+    pid = tl.program_id(0)
+    rows = (pid // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask, cmask = rows < R, cols < M
+    g = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        nmask = ns < N
+        g += _dot(tl.trans(_tile(gy_ptr, ns, rows, nmask, rmask, s_gn, s_gr)),
+                  _tile(x_ptr, ns, cols, nmask, cmask, s_xn, s_xc), DOT, w_ptr.dtype.element_ty)
+    ks = tl.arange(0, RP)
+    kmask = ks < r
+    u = _operand(_tile(u_ptr, rows, ks, rmask, kmask, s_ur, s_uk), DOT, w_ptr)
+    p = _operand(_tile(p_ptr, ks, cols, kmask, cmask, s_pk, s_pc), DOT, w_ptr)
+    y = scale * _dot(u, p, DOT, w_ptr.dtype.element_ty)
+    t = _grad_tile(g, y, w_ptr, dw_ptr, rows, cols, rmask, cmask, s_wr, s_wc, s_dr, s_dc,
+                   ORDER, DORDER, NEED_DW)
+    tl.atomic_add(dp_ptr + _offsets(ks, cols, M, 1),
+                  scale * _dot(tl.trans(u), t, DOT, w_ptr.dtype.element_ty),
+                  mask=kmask[:, None] & cmask[None, :], sem="relaxed")
+    _add_du(du_ptr, t, p, rows, ks, r, rmask, kmask, scale, DOT, w_ptr.dtype.element_ty)
 
 
 @triton.jit

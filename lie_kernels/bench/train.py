@@ -3,7 +3,10 @@
 Models come from their own libraries with random weights (nothing is downloaded):
 
 * ``resnet18``: torchvision ResNet-18, every Conv2d adapted;
-* ``convnext``: timm ConvNeXt-atto, the depthwise 7x7 convs and the Linear MLPs adapted;
+* ``convnext``: timm ConvNeXt-atto, the depthwise 7x7 convs and the Linear MLPs adapted
+  (PEFT cannot adapt the depthwise convs: its rows adapt the MLPs only);
+* ``convnext-mlp``: the same model with the Linear MLPs adapted by every method, so the
+  LieRA and PEFT rows adapt the same layers;
 * ``llama-qv`` / ``llama-all``: transformers Llama from a small config (hidden 512,
   4 layers), adapting q_proj/v_proj (PEFT's MetaMathQA setting) or every linear layer.
 
@@ -31,7 +34,7 @@ from torch.nn import functional as F
 
 from . import measure
 
-MODELS = ["resnet18", "convnext", "llama-qv", "llama-all"]
+MODELS = ["resnet18", "convnext", "convnext-mlp", "llama-qv", "llama-all"]
 METHODS = ["PEFT LoRA", "PEFT HiRA", "PEFT HiRA + patch_hira", "LieRA order=1",
            "LieRA order=4", "LieRA order=exact", "full fine-tune"]
 REFERENCE = "PEFT LoRA"
@@ -56,11 +59,11 @@ def build(model_name: str, batch: int, size: int, seq: int, device: str):
         import torchvision
         model = torchvision.models.resnet18(num_classes=100)
         targets = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    elif model_name == "convnext":
+    elif model_name in ("convnext", "convnext-mlp"):
         import timm
         model = timm.create_model("convnext_atto", pretrained=False, num_classes=100)
-        targets = [n for n, m in model.named_modules()
-                   if n.endswith(("conv_dw", "mlp.fc1", "mlp.fc2"))]
+        names = ("mlp.fc1", "mlp.fc2") + (("conv_dw",) if model_name == "convnext" else ())
+        targets = [n for n, m in model.named_modules() if n.endswith(names)]
     elif model_name.startswith("llama"):
         from transformers import LlamaConfig, LlamaForCausalLM
         cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1376,
