@@ -34,7 +34,7 @@ timeout 120 $PY -m lie_kernels.bench --shapes all --orders 1,4,exact --dtypes bf
 timeout 30 $PY -m lie_kernels.bench multi --out "$OUT" > /dev/null 2>&1; step "multi rc=$?"
 # the deterministic backward (split partials, fixed order) beside the default atomic one
 mkdir -p "$OUT/deterministic"
-CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout 60 $PY -c "import sys, torch
+CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout 40 $PY -c "import sys, torch
 torch.use_deterministic_algorithms(True)
 from lie_kernels.bench.__main__ import main
 main(sys.argv[1:])" --shapes linear.4096x4096,linear.11008x4096,sd15.3x3.1280 --orders 1 \

@@ -209,14 +209,14 @@ def run(device: str, log=print, models: Optional[List[str]] = None,
             if r["model"] == m and "error" not in r and ref is not None:
                 r["time_vs_lora"] = r["ms"] / ref["ms"]
                 r["mem_vs_lora"] = r["peak_mib"] / max(ref["peak_mib"], 1e-9)
-    log(f"{'model':<10}{'method':<24}{'targets':>8}{'trainable':>11}{'step ms':>10}"
+    log(f"{'model':<13}{'method':<24}{'targets':>8}{'trainable':>11}{'step ms':>10}"
         f"{'peak MiB':>10}{'time/LoRA':>11}{'mem/LoRA':>10}")
     for r in rows:
         if "error" in r:
-            log(f"{r['model']:<10}{r['method']:<24}  failed: {r['error']}")
+            log(f"{r['model']:<13}{r['method']:<24}  failed: {r['error']}")
             continue
         tl, ml = r.get("time_vs_lora"), r.get("mem_vs_lora")
-        log(f"{r['model']:<10}{r['method']:<24}{r['targets']:>8}{r['trainable']:>11}{r['ms']:>10.1f}"
+        log(f"{r['model']:<13}{r['method']:<24}{r['targets']:>8}{r['trainable']:>11}{r['ms']:>10.1f}"
             f"{r['peak_mib']:>10.1f}{'-' if tl is None else f'{tl:.2f}':>11}"
             f"{'-' if ml is None else f'{ml:.2f}':>10}")
     if out:
