@@ -341,3 +341,47 @@ def test_fused_linear_backward_steps_aside_when_it_should(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(False)
     assert calls == [torch.float32, torch.float16]
+
+
+def test_workspace_is_never_shared_by_concurrent_calls():
+    """Threads taking scratch at once each get an all-zero buffer that no other thread
+    holds meanwhile (the pool hands its buffer to one caller; the others get fresh ones)."""
+    import threading
+    import time
+    from lie_kernels.backends.workspace import Workspace
+    ws, lock, held, clashes = Workspace(), threading.Lock(), set(), []
+
+    def call(i):
+        for _ in range(20):
+            with ws.zeros(64 + i, torch.device("cpu")) as buf:
+                ptr = buf.data_ptr()
+                with lock:
+                    clashes.extend([ptr] if ptr in held else [])
+                    held.add(ptr)
+                assert not buf.any()
+                buf.fill_(i + 1)  # what the kernels leave before the finish step
+                time.sleep(0.001)
+                buf.zero_()       # the finish kernel
+                with lock:
+                    held.discard(ptr)
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not clashes
+
+
+@needs_triton
+def test_scratch_past_the_workspace_cap_is_allocated_per_call(monkeypatch):
+    from lie_kernels.backends import workspace
+    w = torch.randn(48, 72, device=DEVICE).half()
+    u, p = 0.1 * torch.randn(48, 4, device=DEVICE).half(), \
+        0.1 * torch.randn(4, 72, device=DEVICE).half()
+    g = torch.randn_like(w)
+    _, du0, dp0 = triton_backend.BACKEND.backward(g, w, u, p, 2, 0.5, False)
+    monkeypatch.setattr(workspace, "MAX_FLOATS", 16)
+    with _Allocations() as seen:
+        _, du, dp = triton_backend.BACKEND.backward(g, w, u, p, 2, 0.5, False)
+    assert any(t.numel() == 4 * (48 + 72) for t in seen.tensors)  # zeroed per call
+    assert torch.equal(du, du0) and torch.equal(dp, dp0)
