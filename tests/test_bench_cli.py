@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+import lie_kernels as lk
+
 from lie_kernels.bench import __main__ as cli
 from lie_kernels.bench import cpu_core, measure, sweep
 
@@ -101,6 +103,8 @@ def test_timing_reports_min_and_median_and_warns_on_spread():
 
 _REUSED_HEAP = """
 import torch
+
+import lie_kernels as lk
 from lie_kernels.bench import measure
 for n in (256, 512, 1024, 2048, 1024, 512, 256, 1024):  # like a timing pass over other shapes
     blocks = [torch.ones(n, n) for _ in range(6)]
@@ -171,3 +175,43 @@ def test_multi_and_train_subcommands(tmp_path):
         out = _run(cmd, "--quick", "--out", str(tmp_path))
         assert needle in out
     assert "# legend:" in (tmp_path / "multi.txt").read_text()
+
+
+def test_linear_says_what_it_needs_without_a_gpu(tmp_path):
+    """`linear` times the fused Linear backward on a GPU; here it says why it measured
+    nothing (and still writes its file), rather than timing the interpreter."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the device check runs `linear` for real")
+    out = _run("linear", "--quick", "--out", str(tmp_path))
+    assert "needs a CUDA device" in out and "nothing measured" in out
+    assert "needs a CUDA device" in (tmp_path / "linear.txt").read_text()
+
+
+def test_linear_measures_the_fused_and_the_unfused_backward(monkeypatch):
+    """What `linear` times on a GPU, run here in the Triton interpreter at a tiny size:
+    "fused" launches the fused Linear backward, "unfused" does not."""
+    from lie_kernels.backends import get_backend, triton_backend
+    from lie_kernels.bench import linear_bwd
+    usable, why = lk.available_backends().get("triton", (False, "not registered"))
+    if not usable:
+        pytest.skip(f"triton unusable here: {why}")
+    be = get_backend("triton")
+    launches, real = [], triton_backend.K.lie_linear_bwd_kernel
+
+    class Spy:  # records, per launch, whether the unfused override was in place
+        def __getitem__(self, grid):
+            launches.append("linear_backward" in vars(be))
+            return real[grid]
+    monkeypatch.setattr(triton_backend.K, "lie_linear_bwd_kernel", Spy())
+    monkeypatch.setitem(measure.EFFORT, "warmup", 0)
+    monkeypatch.setitem(measure.EFFORT, "max_reps", 1)
+    from lie_kernels import layer_ops
+    monkeypatch.setattr(layer_ops, "FUSE_MIN_NUMEL", 0)  # the GPU shapes are far above it
+    default, formed = triton_backend.Backend.linear_backward, []
+    monkeypatch.setattr(triton_backend.Backend, "linear_backward",
+                        lambda self, *a: (formed.append(1), default(self, *a))[1])
+    row = linear_bwd.measure_shape(24, 40, 8, torch.float16, 4, "cpu", be)
+    assert launches and not any(launches)  # fused steps launched it, unfused ones never
+    assert formed  # the unfused steps formed dL/dW' (the base class's linear_backward)
+    assert "linear_backward" not in vars(be)  # the override is gone afterwards
+    assert row["fused_ms"] > 0 and row["unfused_ms"] > 0

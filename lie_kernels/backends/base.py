@@ -108,6 +108,13 @@ def rows_view(t: Tensor, perm: Sequence[int]) -> Optional[Tensor]:
         return None
 
 
+def rows_in_order(t: Tensor, perm: Sequence[int]) -> Tensor:
+    """``rows_view(t, perm)``, or one copy into that layout when ``t`` is laid out
+    unlike W (e.g. a gradient in another memory format)."""
+    t2 = rows_view(t, perm)
+    return t.permute(0, *perm).reshape(t.shape[0], -1) if t2 is None else t2
+
+
 def empty_in_order(t: Tensor, perm: Sequence[int]) -> Tensor:
     """Uninitialised tensor like ``t`` (shape, dtype, device) whose ``rows_view`` along
     ``perm`` exists: ``t``'s own layout when ``t`` is dense, else packed in ``perm`` order."""

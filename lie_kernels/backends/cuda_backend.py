@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .base import (Backend, columns_from_order, kernel_limits, order_zero_backward,
-                   rows_to_weight, rows_view, weight_rows)
+                   rows_in_order, rows_to_weight, weight_rows)
 
 MAX_RANK = 32  # csrc/lie_launch.h: kMaxRank
 MAX_ORDER = 8
@@ -97,9 +97,7 @@ class CudaBackend(Backend):
         if order == 0:
             return order_zero_backward(grad, weight, u, p, need_dw)
         w2, pm, perm = weight_rows(weight, p)
-        g2 = rows_view(grad, perm)
-        if g2 is None:  # g laid out unlike W: one copy into W's order
-            g2 = grad.permute(0, *perm).reshape(w2.shape)
+        g2 = rows_in_order(grad, perm)
         dw, du, dp = load().backward(g2, w2, u, pm, _order(order), float(scale), need_dw)
         return ((rows_to_weight(dw, weight.shape, perm) if need_dw else None), du,
                 columns_from_order(dp, weight.shape, perm))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .base import (Backend, columns_from_order, empty_in_order, kernel_limits,
-                   order_zero_backward, rows_view, weight_rows)
+                   order_zero_backward, rows_in_order, rows_view, weight_rows)
 from .workspace import Workspace
 
 try:
@@ -284,9 +284,7 @@ class TritonBackend(Backend):
         if order == 0:
             return order_zero_backward(grad, weight, u, p, need_dw)
         w2, pm, perm = weight_rows(weight, p)
-        g2 = rows_view(grad, perm)
-        if g2 is None:  # g laid out unlike W: one copy into W's order
-            g2 = grad.permute(0, *perm).reshape(w2.shape)
+        g2 = rows_in_order(grad, perm)
         rows, cols = w2.shape
         rank = u.shape[1]
         rp = rank_pad(rank)

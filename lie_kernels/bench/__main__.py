@@ -1,4 +1,4 @@
-"""``python -m lie_kernels.bench [sweep|cpu-core|train|multi] [flags]``.
+"""``python -m lie_kernels.bench [sweep|cpu-core|train|multi|roofline|linear] [flags]``.
 
 Each subcommand prints a table with a legend under it and writes
 ``<command>.txt`` under ``--out``; ``<command> --help`` lists its flags. Without a
@@ -187,6 +187,22 @@ def _run_roofline(a, log):
     roofline.run(a.out, log, ranks=a.ranks)
 
 
+# -- linear ------------------------------------------------------------------------------
+
+def _linear_args(p):
+    from . import linear_bwd
+    _common(p)
+    p.add_argument("--dtype", choices=list(linear_bwd.DTYPES), default="bf16",
+                   help="W, x and gradient dtype (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=8192,
+                   help="rows of x (batch x sequence; default: %(default)s; --quick: 256)")
+
+
+def _run_linear(a, log):
+    from . import linear_bwd
+    linear_bwd.run(a.device, log, dtype=a.dtype, tokens=a.tokens, quick=a.quick)
+
+
 #: name: (one-line help, add its flags, run it)
 COMMANDS = {
     "sweep": ("every usable lie_kernels backend against the eager reference, "
@@ -204,6 +220,9 @@ COMMANDS = {
     "roofline": ("predicted H200 time of the Triton kernels on the sweep shapes from the bytes "
                  "and work they really do (no GPU needed); table and roofline.csv",
                  _roofline_args, _run_roofline),
+    "linear": ("a 16-bit LieLinear layer's forward + backward on Triton: the fused Linear "
+               "backward (dL/dW' never written) against forming dL/dW' first; time and peak "
+               "memory (GPU only)", _linear_args, _run_linear),
 }
 
 

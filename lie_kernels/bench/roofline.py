@@ -2,9 +2,8 @@
 
 For a weight W with ``R × M`` elements (the ``(C_out, M)`` unfolding), rank r
 (padded to ``rp``), element size ``e`` and order K, count what each launch
-really moves through HBM and the work it does, with the backend's own tile
-shapes and split counts (``triton_backend.fwd_config``/``bwd_config``/
-``bwd_splits``):
+really moves through HBM and the work it does, with the backward's own tile
+shapes, split counts and scratch (``triton_backend.bwd_config``/``bwd_plan``):
 
     forward   reads W, u, p; writes W'                       (1 launch)
               MMA 2·rp·R·M flops (16-bit W) or rp·R·M FMAs (fp32 W)
@@ -67,7 +66,7 @@ def predict(rows: int, cols: int, rank: int, dtype: str, order: Optional[int],
     """Bytes, work and predicted H200 time of one pass (``kernel``: "fwd", "bwd" with
     atomics, or "bwd-det", the deterministic reduction)."""
     from ..backends import workspace
-    from ..backends.triton_backend import bwd_config, bwd_plan, fwd_config
+    from ..backends.triton_backend import bwd_config, bwd_plan
     e, ef = ESIZE[dtype], ESIZE[factor_dtype or dtype]
     n, rp = rows * cols, _rank_pad(rank)
     factors = (rows * rank + rank * cols) * ef
@@ -75,7 +74,6 @@ def predict(rows: int, cols: int, rank: int, dtype: str, order: Optional[int],
     if kernel == "fwd":
         floor = 2 * n * e
         moved, partial, launches, contractions = floor + factors, 0, 1, 1
-        cfg = fwd_config(rp, dtype)
     else:
         floor = (3 if need_dw else 2) * n * e
         fp32_factors = factor_dtype == "fp32" or dtype == "fp32"
