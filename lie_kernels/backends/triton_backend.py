@@ -173,9 +173,12 @@ class BwdPlan(NamedTuple):
 
     def scratch_floats(self, rows: int, cols: int, rank: int, fp32_factors: bool) -> int:
         """fp32 scratch beyond the outputs: the split partials, or the atomic
-        accumulators (none when the factors are fp32: they are the gradients)."""
+        accumulators; none for fp32 factors with one copy of each (``_accumulate``:
+        then the accumulators are the gradients)."""
+        if fp32_factors and (self.atomic or self.row_splits == self.col_splits == 1):
+            return 0
         if self.atomic:
-            return 0 if fp32_factors else rank * (rows + cols)
+            return rank * (rows + cols)
         return rank * (self.col_splits * rows + self.row_splits * cols)
 
 
