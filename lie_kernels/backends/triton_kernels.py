@@ -1,5 +1,11 @@
 """Triton kernels: W' = W + W ⊙ expm1_K(s·u@p) in one pass, and its fused backward.
 
+``lie_fwd_kernel`` (and the grouped ``lie_fwd_grouped_kernel``) build W';
+``lie_bwd_kernel`` takes ``dL/dW'`` to dW, du, dp with either reduction (fp32
+atomics, or split partials that ``lie_reduce_kernel`` sums in a fixed order);
+``lie_linear_bwd_kernel`` computes ``dL/dW' = g_yᵀx`` of a Linear layer itself,
+tile by tile, with the same Lie backward as its epilogue.
+
 All kernels work on an ``(R, M)`` view of W (``R = C_out``; columns in W's
 memory order, any row/column strides) and hold the whole (padded) rank in one
 tile: ``u`` rows ``(BLOCK_R, RP)`` and ``p`` columns ``(RP, BLOCK_C)`` feed one
