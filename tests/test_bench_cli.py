@@ -215,3 +215,18 @@ def test_linear_measures_the_fused_and_the_unfused_backward(monkeypatch):
     assert formed  # the unfused steps formed dL/dW' (the base class's linear_backward)
     assert "linear_backward" not in vars(be)  # the override is gone afterwards
     assert row["fused_ms"] > 0 and row["unfused_ms"] > 0
+
+
+def test_linear_table_formats_what_a_gpu_run_returns(monkeypatch):
+    """The GPU-only table and legend of `linear`, fed a made-up measurement (its numbers
+    come from the roofline and from that row; no GPU here to produce real ones)."""
+    from lie_kernels.bench import linear_bwd
+    monkeypatch.setattr(linear_bwd, "get_backend", lambda name: None)
+    monkeypatch.setattr(linear_bwd, "measure_shape", lambda c_out, c_in, *a: dict(
+        shape=f"{c_out}x{c_in}", fused_ms=1.0, unfused_ms=1.25, speedup=1.25,
+        fused_MiB=10.0, unfused_MiB=42.0))
+    lines = []
+    rows = linear_bwd.run("cuda", lines.append, quick=True)
+    assert len(rows) == 1 and rows[0]["saving_us"] == 250.0 and rows[0]["pred_us"] > 0
+    table = "\n".join(lines)
+    assert "4096x4096" in table and "250.0" in table and "# saving_us, pred_us:" in table

@@ -100,3 +100,13 @@ def test_atomic_backward_scratch_and_bytes_at_4096(rank):
                             factor_dtype="fp32")["partial_bytes"] == 0
     if rank <= 64:
         assert bwd["bytes_x_floor"] <= 1.25
+
+
+def test_roofline_of_the_fused_linear_backward():
+    """The fused Linear backward moves exactly dL/dW' less (written by the GEMM, read by
+    the Lie backward: 2·C_out·C_in·e bytes) and is predicted faster by that much or more."""
+    from lie_kernels.bench import roofline
+    fused, unfused = (roofline.predict_linear_grad(4096, 11008, 8192, 16, "bf16", f)
+                      for f in (True, False))
+    assert unfused["bytes"] - fused["bytes"] == 2 * 4096 * 11008 * 2
+    assert unfused["flops"] == fused["flops"] and unfused["time_us"] > fused["time_us"]

@@ -20,7 +20,7 @@ from torch import nn
 import lie_kernels as lk
 
 from ..backends import Backend, get_backend
-from . import measure
+from . import measure, roofline
 
 #: (C_out, C_in) of Llama-7B's attention and MLP projections
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -32,6 +32,10 @@ LEGEND = [
      "first. *_ms = median wall time (CUDA events); *_MiB = peak memory above what was live "
      "before the step (max_memory_allocated)."),
     ("speedup", "unfused_ms / fused_ms: > 1 means the fused backward is faster."),
+    ("saving_us, pred_us", "unfused_ms - fused_ms in µs, measured, and as the H200 roofline "
+     "predicts it (roofline.predict_linear_grad: the GEMM no longer writes dL/dW' and the Lie "
+     "backward no longer reads it back, one launch less); measured / predicted is what a GPU "
+     "run checks."),
 ]
 
 
@@ -80,14 +84,19 @@ def run(device: str, log=print, dtype: str = "bf16", tokens: int = 8192, rank: i
     tokens = 256 if quick else tokens
     log(f"# LieLinear fwd+bwd, {dtype}, rank {rank}, order 1, {tokens} tokens, backend triton: "
         "fused Linear backward vs dL/dW' formed first")
-    log(f"{'shape':>12}{'fused_ms':>10}{'unfused_ms':>12}{'speedup':>9}"
-        f"{'fused_MiB':>11}{'unfused_MiB':>13}")
+    log(f"{'shape':>12}{'fused_ms':>10}{'unfused_ms':>12}{'speedup':>9}{'saving_us':>11}"
+        f"{'pred_us':>9}{'fused_MiB':>11}{'unfused_MiB':>13}")
     rows = []
     for c_out, c_in in shapes:
         row = measure_shape(c_out, c_in, tokens, DTYPES[dtype], rank, device, be)
+        pred = [roofline.predict_linear_grad(c_out, c_in, tokens, rank, dtype, fused)["time_us"]
+                for fused in (False, True)]
+        row["saving_us"] = (row["unfused_ms"] - row["fused_ms"]) * 1e3
+        row["pred_us"] = pred[0] - pred[1]
         rows.append(row)
         log(f"{row['shape']:>12}{row['fused_ms']:>10.3f}{row['unfused_ms']:>12.3f}"
-            f"{row['speedup']:>9.2f}{row['fused_MiB']:>11.1f}{row['unfused_MiB']:>13.1f}")
+            f"{row['speedup']:>9.2f}{row['saving_us']:>11.1f}{row['pred_us']:>9.1f}"
+            f"{row['fused_MiB']:>11.1f}{row['unfused_MiB']:>13.1f}")
     for key, text in LEGEND:
         log(f"# {key}: {text}")
     return rows

@@ -111,6 +111,39 @@ def predict(rows: int, cols: int, rank: int, dtype: str, order: Optional[int],
                 floor_us=floor / BW * 1e6, frac_floor=floor / BW / time)
 
 
+def predict_linear_grad(c_out: int, c_in: int, tokens: int, rank: int, dtype: str,
+                        fused: bool) -> Dict:
+    """A Linear layer's path from ``g_y (N, C_out)`` and ``x (N, C_in)`` to du, dp
+    (order 1, 16-bit factors), the part that differs between the two ways to run it:
+
+    fused    one ``lie_linear_bwd_kernel`` (the GEMM ``g_yᵀx`` with the Lie backward as
+             its epilogue; g_y and x read once from HBM, tiles reused through L2) and the
+             finish launch that casts the fp32 accumulators
+    unfused  the GEMM writes dL/dW' (W-sized), then ``predict(..., "bwd")`` reads it back
+
+    Both do the GEMM's ``2·N·C_out·C_in`` flops on tensor cores. Returns bytes, flops and
+    predicted time; ``unfused - fused`` time is what ``bench linear`` should measure as
+    the saving.
+    """
+    e = ESIZE[dtype]
+    gemm_flops = 2 * tokens * c_out * c_in
+    io = tokens * (c_out + c_in) * e
+    if fused:
+        lie = predict(c_out, c_in, rank, dtype, 1, "bwd")
+        # the epilogue reads W and the factors instead of dL/dW' and W: one W-read less
+        moved = io + lie["bytes"] - c_out * c_in * e
+        flops = gemm_flops + lie["mma_flops"]
+        t = max(moved / BW, flops / MMA_PEAK[dtype]) + lie["launches"] * LAUNCH
+    else:
+        lie = predict(c_out, c_in, rank, dtype, 1, "bwd")
+        gemm_bytes = io + c_out * c_in * e  # writes dL/dW'
+        moved = gemm_bytes + lie["bytes"]
+        flops = gemm_flops + lie["mma_flops"]
+        t = (max(gemm_bytes / BW, gemm_flops / MMA_PEAK[dtype]) + LAUNCH
+             + lie["time_us"] * 1e-6)
+    return dict(bytes=moved, flops=flops, time_us=t * 1e6)
+
+
 def predict_mode(shape, rank: int, dtype: str, order: Optional[int], mode: str) -> Dict:
     """A sweep point: ``mode`` "fwd" or "fwdbwd" (forward then backward, no dW)."""
     rows, cols = shape[0], math.prod(shape[1:])
