@@ -106,7 +106,8 @@ def _source(case: Case):
     """ASTSource with the JIT's specialisation for contiguous, aligned tensors, and
     the launch options the backend uses."""
     from triton.compiler import ASTSource
-    from .triton_backend import bwd_config, fwd_config, grouped_config, linear_bwd_config
+    from .triton_backend import (LINEAR_GROUP, bwd_config, fwd_config, grouped_config,
+                                 linear_bwd_config)
     d, f = "*" + case.dtype, "*" + (case.factors or case.dtype)
     dot = DOT_IEEE if case.dtype == "fp32" else DOT_16
     if case.kernel == "fwd":
@@ -141,7 +142,7 @@ def _source(case: Case):
         const = dict(s_gr=1, s_xc=1, s_wc=1, s_uk=1, s_pc=1, s_dc=1, ORDER=case.order,
                      DORDER=EXACT if case.order == EXACT else case.order - 1,
                      NEED_DW=case.need_dw, RP=case.rank_pad, BLOCK_R=cfg.block_r,
-                     BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n, DOT=dot)
+                     BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n, GROUP_R=LINEAR_GROUP, DOT=dot)
         div = ("gy_ptr", "x_ptr", "w_ptr", "u_ptr", "p_ptr", "dw_ptr", "du_ptr", "dp_ptr",
                "R", "M", "s_gn", "s_xn", "s_wr", "s_pk", "s_dr")
     elif case.kernel == "grouped":

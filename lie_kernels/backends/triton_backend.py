@@ -38,6 +38,8 @@ MAX_ORDER = 8
 #: of the SM count, so the reduction order is the same on every GPU
 BWD_PROGRAMS = 256
 REDUCE_BLOCK = 1024
+#: row tiles per program group of the fused Linear backward (x slices reused through L2)
+LINEAR_GROUP = 8
 #: the backward's fp32 scratch, kept zeroed between calls (no memset launch per call)
 _WORKSPACE = Workspace()
 
@@ -101,17 +103,20 @@ class LinearConfig(NamedTuple):
 
 def linear_bwd_config(rp: int, fp32_factors: bool = False) -> LinearConfig:
     """16-bit W only (fp32 W takes the unfused path): the GEMM's operand tiles are
-    pipelined through shared memory; the Lie epilogue holds u/p tiles and t."""
+    pipelined through shared memory; the Lie epilogue holds u/p tiles and t (fp32
+    factors at rank pad 128: 16-row tiles, the 32-row one spills 8 bytes)."""
     if rp <= 32:
         return LinearConfig(64, 64, 32, 4, 3)
-    return LinearConfig(32, 64, 32, 4, 2) if rp <= 64 and not fp32_factors else \
-        LinearConfig(32, 32, 32, 4, 2)
+    if rp <= 64:
+        return LinearConfig(32, 32 if fp32_factors else 64, 32, 4, 2)
+    return LinearConfig(16 if fp32_factors else 32, 32, 32, 4, 2)
 
 
 def _interp_linear_config(rows: int, cols: int, n: int) -> LinearConfig:
+    """Interpreter: big tiles (``n`` may be 0, an empty batch: any BLOCK_N >= 1 works)."""
     return LinearConfig(min(64, triton.next_power_of_2(rows)),
                         min(128, triton.next_power_of_2(cols)),
-                        min(64, triton.next_power_of_2(n)), 4, 1)
+                        min(64, triton.next_power_of_2(max(n, 1))), 4, 1)
 
 
 def grouped_config(rp: int, dtype: str) -> Config:
@@ -171,12 +176,9 @@ class BwdPlan(NamedTuple):
     col_splits: int
     atomic: bool
 
-    def scratch_floats(self, rows: int, cols: int, rank: int, fp32_factors: bool) -> int:
-        """fp32 scratch beyond the outputs: the split partials, or the atomic
-        accumulators; none for fp32 factors with one copy of each (``_accumulate``:
-        then the accumulators are the gradients)."""
-        if fp32_factors and (self.atomic or self.row_splits == self.col_splits == 1):
-            return 0
+    def scratch_floats(self, rows: int, cols: int, rank: int) -> int:
+        """fp32 scratch beyond the outputs (taken from the reused workspace): the atomic
+        accumulators, or the split partials."""
         if self.atomic:
             return rank * (rows + cols)
         return rank * (self.col_splits * rows + self.row_splits * cols)
@@ -197,17 +199,12 @@ def _accumulate(u: Tensor, p: Tensor, cols: int, splits: Tuple[int, int], run
     launch that adds the scaled gradients into zeroed fp32 accumulators, ``splits``
     = (du, dp) copies of each, summed in a fixed order by the finish kernel.
 
-    fp32 factors with one copy each: the accumulators are the gradients (a memset,
-    then the launch). Otherwise the accumulators come from the reused workspace and
-    the finish kernel sums, casts and zeroes them (two launches, no memset).
+    The accumulators come from the reused workspace, and the finish kernel sums,
+    casts and zeroes them: two launches, no memset, and du, dp are fresh tensors
+    (the custom ops may not return two views of one buffer).
     """
     rows, rank = u.shape
     n_du, n_dp = rank * rows, rank * cols
-    if splits == (1, 1) and u.dtype == p.dtype == torch.float32:
-        acc = torch.zeros(n_du + n_dp, dtype=torch.float32, device=u.device)
-        du, dp = acc[:n_du].view(rows, rank), acc[n_du:].view(rank, cols)
-        run(du, dp)
-        return du, dp
     du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     dp = torch.empty((rank, cols), dtype=p.dtype, device=p.device)
     s_u, s_p = splits
@@ -338,7 +335,7 @@ class TritonBackend(Backend):
                 *d2.stride(), float(scale), col_tiles, ORDER=_order_const(order),
                 DORDER=K.EXACT if order is None else order - 1, NEED_DW=need_dw, RP=rp,
                 BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n,
-                DOT=dot_mode(weight.dtype), num_warps=cfg.num_warps,
+                GROUP_R=LINEAR_GROUP, DOT=dot_mode(weight.dtype), num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)
 
         du, dp = _accumulate(u, p, cols, (1, 1), run)

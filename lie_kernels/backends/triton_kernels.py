@@ -226,9 +226,8 @@ def lie_bwd_kernel(g_ptr, w_ptr, u_ptr, p_ptr, dw_ptr, du_part_ptr, dp_part_ptr,
       ``4·r·(row_splits·M + col_splits·R)`` bytes.
     * ``ATOMIC=True``: ``du`` and ``dp`` are added into one ``(R, r)`` and one
       ``(r, M)`` fp32 accumulator (zeroed by the caller): ``4·r·(R + M)``
-      bytes at most, none when the factors are fp32 (the accumulators are the
-      gradients). The order of the additions, and so the last bits, vary
-      from run to run.
+      bytes. The order of the additions, and so the last bits, vary from run
+      to run.
     """
     pid = tl.program_id(0)
     split_r, split_c = pid // col_splits, pid % col_splits
@@ -270,15 +269,22 @@ def lie_linear_bwd_kernel(gy_ptr, x_ptr, w_ptr, u_ptr, p_ptr, dw_ptr, du_ptr, dp
                           s_dr, s_dc, scale, col_tiles,
                           ORDER: tl.constexpr, DORDER: tl.constexpr, NEED_DW: tl.constexpr,
                           RP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_N: tl.constexpr, DOT: tl.constexpr):
+                          BLOCK_N: tl.constexpr, GROUP_R: tl.constexpr, DOT: tl.constexpr):
     """A Linear layer's backward into its Lie factors: ``dL/dW' = grad_yᵀ x`` one
     ``(BLOCK_R, BLOCK_C)`` tile per program, accumulated in registers over the N rows
     of ``grad_y (N, R)`` and ``x (N, M)``, then the Lie backward of that tile as the
     GEMM's epilogue (``_grad_tile``): dL/dW' is never written. ``du``/``dp``: relaxed
-    fp32 atomics into zeroed accumulators, as ``lie_bwd_kernel`` with ``ATOMIC``."""
+    fp32 atomics into zeroed accumulators, as ``lie_bwd_kernel`` with ``ATOMIC``.
+
+    Programs run in groups of ``GROUP_R`` row tiles per column tile (consecutive
+    programs share an x column slice while it sits in L2), so x is read from HBM
+    about once per group of row tiles instead of once per row tile."""
     pid = tl.program_id(0)
-    rows = (pid // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = (pid % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    per_group = GROUP_R * col_tiles
+    first = (pid // per_group) * GROUP_R
+    in_group = tl.minimum(tl.cdiv(R, BLOCK_R) - first, GROUP_R)
+    rows = (first + (pid % per_group) % in_group) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = ((pid % per_group) // in_group) * BLOCK_C + tl.arange(0, BLOCK_C)
     rmask, cmask = rows < R, cols < M
     g = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):

@@ -9,7 +9,10 @@ Safety: a buffer is taken out of the pool for the duration of a call, so a
 concurrent call on the same stream gets a fresh one instead of sharing it;
 kernels on one stream run in order, so the next call there sees the zeros the
 finish kernel wrote. A call that raises returns its buffer marked dirty, and the
-next user zeroes it first. Scratch above ``MAX_FLOATS`` is allocated per call.
+next user zeroes it first. Scratch above ``MAX_FLOATS`` is allocated per call,
+and so is scratch taken while a CUDA graph is being captured: graphs captured on
+one capture stream would otherwise share an address, and replaying two of them
+on different streams would race on it.
 """
 from __future__ import annotations
 
@@ -23,6 +26,10 @@ from torch import Tensor
 #: larger scratch is allocated zeroed per call: next to such a kernel the memset is
 #: noise, and a persistent buffer that size would hold memory for nothing (8 MiB)
 MAX_FLOATS = 1 << 21
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _key(device: torch.device) -> Tuple:
@@ -42,7 +49,7 @@ class Workspace:
     def zeros(self, n: int, device: torch.device) -> Iterator[Tensor]:
         """An all-zero fp32 tensor of ``n`` elements. The caller must leave it all
         zero again (in stream order) when the block exits normally."""
-        if n > MAX_FLOATS:
+        if n > MAX_FLOATS or _capturing(device):
             yield torch.zeros(n, dtype=torch.float32, device=device)
             return
         key = _key(device)

@@ -10,9 +10,8 @@ shapes, split counts and scratch (``triton_backend.bwd_config``/``bwd_plan``):
     backward  reads g, W, u, p; writes dW when asked; three rank contractions
               (3× the forward's work). Then, by reduction:
       atomic (default; kernel "bwd"): adds with atomics into one fp32
-              (R + M) × r accumulator; 16-bit factors: it is scratch, and a finish
-              launch reads it, writes du, dp and zeroes it back (2 launches);
-              fp32 factors: it is du, dp, zeroed by a memset (memset + kernel)
+              (R + M) × r accumulator; a finish launch reads it, writes du, dp in
+              the factors' dtype and zeroes it back (2 launches)
       deterministic (kernel "bwd-det", torch.use_deterministic_algorithms):
               adds du into du_part (col_splits × R × r), stores dp_part
               (row_splits × r × M); the finish launch reads both, writes du, dp,
@@ -76,23 +75,20 @@ def predict(rows: int, cols: int, rank: int, dtype: str, order: Optional[int],
         moved, partial, launches, contractions = floor + factors, 0, 1, 1
     else:
         floor = (3 if need_dw else 2) * n * e
-        fp32_factors = factor_dtype == "fp32" or dtype == "fp32"
         plan = bwd_plan(rows, cols, bwd_config(rp, dtype, factor_dtype == "fp32"),
                         atomic=kernel == "bwd")
-        partial = 4 * plan.scratch_floats(rows, cols, rank, fp32_factors)
+        partial = 4 * plan.scratch_floats(rows, cols, rank)
         col_tiles = _cdiv(cols, plan.cfg.block_c)
         # du: one addition per (row, rank, column tile); dp: one per row split (atomics only)
         l2_atomic = 4 * rank * (rows * col_tiles + (cols * plan.row_splits if plan.atomic
                                                     else 0))
-        if not partial:  # atomics into fp32 du, dp: a memset, then the kernel
-            launches, scratch = 2, 0
-        else:  # the kernel, then the finish launch: reads the scratch, zeroes it back
-            dp_part = 0 if plan.atomic else 4 * rank * plan.row_splits * cols
-            scratch = 2 * partial + dp_part  # dp_part is also stored by the kernel
-            if partial > 4 * workspace.MAX_FLOATS:  # too big to keep: a memset per call
-                launches, scratch = 3, scratch + partial
-            else:
-                launches = 2
+        # the kernel, then the finish launch: reads the scratch, zeroes it back
+        dp_part = 0 if plan.atomic else 4 * rank * plan.row_splits * cols
+        scratch = 2 * partial + dp_part  # dp_part is also stored by the kernel
+        if partial > 4 * workspace.MAX_FLOATS:  # too big to keep: a memset per call
+            launches, scratch = 3, scratch + partial
+        else:
+            launches = 2
         moved = floor + factors + scratch + factors
         contractions = 3
     if dtype == "fp32":  # FMA dots (see triton_kernels: why not tf32)
@@ -117,17 +113,20 @@ def predict_linear_grad(c_out: int, c_in: int, tokens: int, rank: int, dtype: st
     (order 1, 16-bit factors), the part that differs between the two ways to run it:
 
     fused    one ``lie_linear_bwd_kernel`` (the GEMM ``g_yᵀx`` with the Lie backward as
-             its epilogue; g_y and x read once from HBM, tiles reused through L2) and the
-             finish launch that casts the fp32 accumulators
+             its epilogue) and the finish launch that casts the fp32 accumulators
     unfused  the GEMM writes dL/dW' (W-sized), then ``predict(..., "bwd")`` reads it back
 
-    Both do the GEMM's ``2·N·C_out·C_in`` flops on tensor cores. Returns bytes, flops and
+    Both do the GEMM's ``2·N·C_out·C_in`` flops on tensor cores and read the GEMM's
+    operands as the fused kernel's grouped order does: g_y once, x once per group of
+    ``LINEAR_GROUP`` row tiles (assumed for cuBLAS too). Returns bytes, flops and
     predicted time; ``unfused - fused`` time is what ``bench linear`` should measure as
     the saving.
     """
+    from ..backends.triton_backend import LINEAR_GROUP, linear_bwd_config
     e = ESIZE[dtype]
     gemm_flops = 2 * tokens * c_out * c_in
-    io = tokens * (c_out + c_in) * e
+    row_groups = _cdiv(_cdiv(c_out, linear_bwd_config(_rank_pad(rank)).block_r), LINEAR_GROUP)
+    io = tokens * (c_out + c_in * row_groups) * e
     if fused:
         lie = predict(c_out, c_in, rank, dtype, 1, "bwd")
         # the epilogue reads W and the factors instead of dL/dW' and W: one W-read less
