@@ -127,17 +127,15 @@ def predict_linear_grad(c_out: int, c_in: int, tokens: int, rank: int, dtype: st
     gemm_flops = 2 * tokens * c_out * c_in
     row_groups = _cdiv(_cdiv(c_out, linear_bwd_config(_rank_pad(rank)).block_r), LINEAR_GROUP)
     io = tokens * (c_out + c_in * row_groups) * e
+    lie = predict(c_out, c_in, rank, dtype, 1, "bwd")
+    flops = gemm_flops + lie["mma_flops"]
     if fused:
-        lie = predict(c_out, c_in, rank, dtype, 1, "bwd")
         # the epilogue reads W and the factors instead of dL/dW' and W: one W-read less
         moved = io + lie["bytes"] - c_out * c_in * e
-        flops = gemm_flops + lie["mma_flops"]
         t = max(moved / BW, flops / MMA_PEAK[dtype]) + lie["launches"] * LAUNCH
     else:
-        lie = predict(c_out, c_in, rank, dtype, 1, "bwd")
         gemm_bytes = io + c_out * c_in * e  # writes dL/dW'
         moved = gemm_bytes + lie["bytes"]
-        flops = gemm_flops + lie["mma_flops"]
         t = (max(gemm_bytes / BW, gemm_flops / MMA_PEAK[dtype]) + LAUNCH
              + lie["time_us"] * 1e-6)
     return dict(bytes=moved, flops=flops, time_us=t * 1e6)
