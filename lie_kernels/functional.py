@@ -45,7 +45,7 @@ def lie_weight_lowrank(weight: Tensor, a: Tensor, b: Tensor, *, order: Optional[
     check_weight(weight)
     order, scale = check_order(order), check_scale(scale)
     check_factor("b", b, weight, ndim=2, fp32_ok=True)
-    rows, cols = weight.shape[0], weight[0].numel()
+    rows, cols = weight.shape[0], weight.shape[1:].numel()
     if b.shape[0] != rows:
         raise ValueError(f"b must have shape ({rows}, r) (weight.shape[0], rank), "
                          f"got {tuple(b.shape)}")

@@ -97,17 +97,23 @@ class _EagerLieGemm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, u, p, order, scale, backend: Backend):
+        out = backend.forward(weight, u, p, _order(order), scale)
+        # a small weight's W' may be cheaper to keep than to rebuild (Backend.keeps_output)
+        ctx.keep = not ctx.needs_input_grad[0] and backend.keeps_output(weight, _order(order))
         # ctx-style forward: a separate setup_context costs a signature bind per call
-        _setup_context(ctx, (weight, u, p, order, scale, backend), None)
-        return backend.forward(weight, u, p, _order(order), scale)
+        _setup_context(ctx, (out if ctx.keep else weight, u, p, order, scale, backend), None)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True
             raise NotImplementedError(DOUBLE_BACKWARD)
-        weight, u, p = ctx.saved_tensors
+        saved, u, p = ctx.saved_tensors
+        if ctx.keep:
+            du, dp = ctx.backend.output_backward(grad, saved, u, p, ctx.scale)
+            return None, du, dp, None, None, None
         need_dw = ctx.needs_input_grad[0]
-        dw, du, dp = ctx.backend.backward(grad, weight, u, p, _order(ctx.order), ctx.scale,
+        dw, du, dp = ctx.backend.backward(grad, saved, u, p, _order(ctx.order), ctx.scale,
                                           need_dw)
         return dw, du, dp, None, None, None
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lie_kernels as lk
-from lie_kernels.backends import get_backend
+from lie_kernels.backends import get_backend, torch_backend
 
 from conftest import backend_cases
 from helpers import (ORDERS, SHAPES, lowrank_inputs, ref_lowrank, ref_tucker, rel_err,
@@ -158,3 +158,53 @@ def test_gradcheck_float64(backend, device, order):
     assert torch.autograd.gradcheck(
         lambda w, a, b: lk.lie_weight_lowrank(w, a, b, order=order, scale=-0.8,
                                               backend=backend), leaves)
+
+
+def _saved_during(fn):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1],
+                                                  lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("cols,kept", [(255, True), (256, False)], ids=["below", "at"])
+def test_small_exact_op_saves_w_prime_instead_of_rebuilding(dtype, cols, kept):
+    """Exact exp, frozen fp32/fp64 W below ``KEEP_OUTPUT_NUMEL`` elements: the op saves
+    W' (backward: t = g ⊙ W', no GEMM and exp rebuilt); at the constant it saves W.
+    Gradients match fp64 either way (scale ≠ 1, a non-contiguous incoming gradient),
+    and changing W' in place before backward is an error, not a wrong gradient."""
+    assert 256 * 256 == torch_backend.KEEP_OUTPUT_NUMEL
+    w, a, b = lowrank_inputs((256, cols), 5, dtype=dtype)
+    a.requires_grad_(True), b.requires_grad_(True)
+    out, saved = _saved_during(
+        lambda: lk.lie_weight_lowrank(w, a, b, order=None, scale=0.7, backend="torch"))
+    big = [t.data_ptr() for t in saved if t.numel() == w.numel()]
+    assert big == [out.data_ptr() if kept else w.data_ptr()]
+    g = torch.randn(cols, 256, dtype=dtype).t()
+    got = torch.autograd.grad(out, [a, b], g, retain_graph=True)
+    ref, (_, ra, rb) = ref_lowrank(w, a, b, None, 0.7)
+    want = torch.autograd.grad(ref, [ra, rb], g.double())
+    for gg, gw in zip(got, want):
+        assert rel_err(gg, gw) < 10 * FP32_TOL
+    if kept:  # (saved-tensor hooks skip autograd's version check: a fresh forward)
+        out = lk.lie_weight_lowrank(w, a, b, order=None, scale=0.7, backend="torch")
+        out.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(out, [a, b], g)
+
+
+@pytest.mark.parametrize("case", ["w-needs-grad", "order-4", "bf16"])
+def test_small_op_rebuilds_unless_exact_fp32_and_frozen(case):
+    """W' is kept only where ``t = g ⊙ W'`` is the whole backward: not when dW is asked
+    for (dW = g ⊙ exp(s·x) needs x), not for a truncated series, not for a 16-bit W'
+    (t would carry its 16-bit rounding)."""
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    w, a, b = lowrank_inputs((64, 30), 4, dtype=dtype)
+    w.requires_grad_(case == "w-needs-grad")
+    a.requires_grad_(True), b.requires_grad_(True)
+    order = 4 if case == "order-4" else None
+    out, saved = _saved_during(
+        lambda: lk.lie_weight_lowrank(w, a, b, order=order, scale=0.7, backend="torch"))
+    assert [t.data_ptr() for t in saved if t.numel() == w.numel()] == [w.data_ptr()]

@@ -139,8 +139,9 @@ class _Allocations(TorchDispatchMode):
 def test_backward_scratch_is_what_the_plan_says(monkeypatch, deterministic, factors, n):
     """The fp32 scratch the backward takes beyond its outputs is the plan's count (what
     the roofline reports): with atomics on a 512x512 fp16 W at rank 16 at most W/8
-    (r(R+M) floats). It comes from the reused workspace, left all zero, so a second
-    call allocates nothing but its outputs, two separate tensors."""
+    (r(R+M) floats). What is added into comes from the reused workspace, left all
+    zero, so a second call allocates nothing but its outputs, two separate tensors,
+    and, in deterministic mode, the dp partials the kernel stores whole (not zeroed)."""
     w = torch.randn(n, n, device=DEVICE).half()
     u, p = (0.1 * torch.randn(n, 16, device=DEVICE)).to(factors), \
         (0.1 * torch.randn(16, n, device=DEVICE)).to(factors)
@@ -155,11 +156,13 @@ def test_backward_scratch_is_what_the_plan_says(monkeypatch, deterministic, fact
     cfg = (triton_backend._interp_config(n, n) if DEVICE == "cpu"
            else triton_backend.bwd_config(16, "fp16", factors == torch.float32))
     plan = triton_backend.bwd_plan(n, n, cfg, atomic=not deterministic)
-    scratch = plan.scratch_floats(n, n, 16)
-    assert taken == [scratch] * 2
+    scratch, zeroed = plan.scratch_floats(n, n, 16), plan.zeroed_floats(n, n, 16)
+    assert taken == [zeroed] * 2
     outputs = {du.untyped_storage().data_ptr(), dp.untyped_storage().data_ptr()}
     assert len(outputs) == 2 and du.dtype == dp.dtype == factors
-    assert not [t for t in seen.tensors if t.untyped_storage().data_ptr() not in outputs]
+    others = [t.numel() for t in seen.tensors if t.untyped_storage().data_ptr() not in outputs]
+    assert others == ([] if not deterministic else [scratch - zeroed])
+    assert (zeroed < scratch) == deterministic
     for buf, clean in triton_backend._WORKSPACE._free.values():
         assert clean and not buf.any()
     if not deterministic and n == 512:
@@ -171,6 +174,31 @@ class _FailingLaunch:
         def launch(*args, **kwargs):
             raise RuntimeError("launch failed")
         return launch
+
+
+@needs_triton
+def test_deterministic_dp_partials_need_no_zeroing(monkeypatch):
+    """The deterministic backward stores every dp partial, so the buffer may start as
+    anything: filled with NaN it still gives the fp64 gradients (several row and
+    column splits, ragged last tiles)."""
+    monkeypatch.setattr(triton_backend, "BWD_PROGRAMS", 8)
+    monkeypatch.setattr(triton_backend, "_interp_config",
+                        lambda rows, cols: triton_backend.Config(16, 16, 4, 1))
+    monkeypatch.setattr(triton_backend, "_stored_scratch",
+                        lambda n, device: torch.full((n,), float("nan"), device=device))
+    w, a, b = lowrank_inputs((90, 5, 17), 6, device=DEVICE)
+    a, b = a.requires_grad_(), b.requires_grad_()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = lk.lie_weight_lowrank(w, a, b, order=3, scale=0.7, backend="triton")
+        g = torch.randn_like(out)
+        out.backward(g)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    ref, (_, ra, rb) = ref_lowrank(w, a, b, 3, 0.7)
+    ref.backward(g.double().cpu())
+    assert rel_err(a.grad, ra.grad) < 2e-6 and rel_err(b.grad, rb.grad) < 2e-6
 
 
 @needs_triton

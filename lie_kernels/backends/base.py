@@ -23,7 +23,10 @@ Outputs: ``forward`` returns a tensor of W's shape and dtype, laid out in W's
 memory order when W is a dense permutation (e.g. channels_last), else
 contiguous; ``backward`` returns ``(dw, du, dp)`` with ``dw`` in W's dtype and
 layout (None unless asked for) and ``du``/``dp`` in ``u``'s/``p``'s dtypes.
-Nothing the size of W may be kept between the two calls. ``linear_backward``
+Nothing the size of W may be kept between the two calls, with one exception a
+backend opts into: ``keeps_output`` lets the op save W' itself for a small
+weight, for ``output_backward``, where rebuilding costs more than W' weighs.
+``linear_backward``
 is the seam for a Linear layer whose ``dL/dW'`` is ``grad_yᵀ @ x``: a backend
 may fuse that product with its backward so ``dL/dW'`` is never written.
 """
@@ -36,7 +39,8 @@ from torch import Tensor
 
 
 class Backend:
-    """Base class; subclasses override the four methods below."""
+    """Base class; subclasses override the four methods below (and may override the
+    optional ones after them)."""
 
     #: registry key, e.g. "torch", "triton", "cuda"
     name: str = ""
@@ -63,6 +67,17 @@ class Backend:
     def backward(self, grad: Tensor, weight: Tensor, u: Tensor, p: Tensor,
                  order: Optional[int], scale: float, need_dw: bool
                  ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+        raise NotImplementedError
+
+    def keeps_output(self, weight: Tensor, order: Optional[int]) -> bool:
+        """Whether the op should save W' for ``output_backward`` (asked only when W
+        itself needs no gradient) instead of calling ``backward``. Default: never."""
+        return False
+
+    def output_backward(self, grad: Tensor, out: Tensor, u: Tensor, p: Tensor,
+                        scale: float) -> Tuple[Tensor, Tensor]:
+        """``(du, dp)`` of the exact exp from the saved ``out`` = W' = W ⊙ exp(s·x):
+        there ``t = g ⊙ W ⊙ exp(s·x) = g ⊙ W'``, so nothing is rebuilt."""
         raise NotImplementedError
 
     def linear_backward(self, grad_y: Tensor, x: Tensor, weight: Tensor, u: Tensor,

@@ -21,6 +21,14 @@ from .base import Backend, order_zero_backward, unfold
 #: fewer, larger blocks win because every op costs a fixed ~5 us to launch.
 CHUNK_ELEMS = 1 << 19
 
+#: exact exp, fp32/fp64 W below this many elements (256 KiB in fp32): the op saves W'
+#: and its backward is t = g ⊙ W' and two small GEMMs, instead of rebuilding exp(s·x)
+#: (a GEMM and an exp pass). Measured on 2 cores, ConvNeXt's 1024x1x7x7 depthwise
+#: weight, low-rank r16, fwd+bwd median: 173-184 us kept vs 205-220 us rebuilt (eager
+#: autograd, which saves exp(s·Δ) too: 183-217 us). The two-node Lie layers (below
+#: layer_ops.FUSE_MIN_NUMEL) save W' for their conv anyway, so there it costs nothing.
+KEEP_OUTPUT_NUMEL = 1 << 16
+
 
 def _blocks(rows: int, cols: int):
     step = max(1, CHUNK_ELEMS // cols)
@@ -32,6 +40,12 @@ def _part(t: Tensor, r0: int, n: int) -> Tensor:
     """Rows ``r0:r0+n`` of ``t``; ``t`` itself when that is all of it. A small weight is
     one block, and there the ~8 slices per call were a third of the time (each ~3 us)."""
     return t if r0 == 0 and n == t.shape[0] else t.narrow(0, r0, n)
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, skipping the call (~1 µs) when it would be a no-op: a small
+    weight's whole op costs tens of µs, so per-call overhead shows."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _fix_nonfinite(out: Tensor, w: Tensor, e: Tensor, c: float) -> None:
@@ -51,26 +65,46 @@ class TorchBackend(Backend):
     def not_supported_reasons(self, weight, u, p, order) -> list:
         return []
 
+    def keeps_output(self, weight: Tensor, order: Optional[int]) -> bool:
+        return (order is None and weight.numel() < KEEP_OUTPUT_NUMEL
+                and weight.dtype in (torch.float32, torch.float64))
+
+    def output_backward(self, grad: Tensor, out: Tensor, u: Tensor, p: Tensor,
+                        scale: float) -> Tuple[Tensor, Tensor]:
+        t = torch.mul(unfold(grad), unfold(out))  # kept only for fp32/fp64 W: t in W's dtype
+        du, dp = t.mm(p.t()), u.t().mm(t)
+        if scale != 1.0:
+            du.mul_(scale), dp.mul_(scale)
+        return du, dp
+
     def forward(self, weight: Tensor, u: Tensor, p: Tensor,
                 order: Optional[int], scale: float) -> Tensor:
         w2 = unfold(weight)
         rows, cols = w2.shape
-        out = torch.empty((rows, cols), dtype=weight.dtype, device=weight.device)
+        # contiguous, W's shape; its (rows, cols) view is what the loop writes
+        result = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        out = result.view(rows, cols)
         if order == 0:
-            return out.copy_(w2).view(weight.shape)
+            return result.copy_(weight)
         cd = compute_dtype(weight.dtype)
         exact = order is None
         # exact exp: the scale rides on the GEMM (alpha) and W' = W·exp(s·x) is one
-        # multiply, an fp32 product rounded once (no "1 + small" to lose bits in)
-        uc, pc = u.to(cd), p.to(cd)
+        # multiply, an fp32 product rounded once (no "1 + small" to lose bits in);
+        # with W in the compute dtype it happens in the output's own rows (no x buffer)
+        uc, pc = _cast(u, cd), _cast(p, cd)
         alpha = scale if exact else 1.0
+        in_out = exact and out.dtype == cd
         step = min(rows, max(1, CHUNK_ELEMS // cols))
-        xbuf = torch.empty((step, cols), dtype=cd, device=weight.device)
+        xbuf = None if in_out else torch.empty((step, cols), dtype=cd, device=weight.device)
         hbuf = torch.empty_like(xbuf) if order not in (None, 1) else None
         for r0, r1 in _blocks(rows, cols):
             n = r1 - r0
-            x = _part(xbuf, 0, n).addmm_(_part(uc, r0, n), pc, beta=0, alpha=alpha)
             w, o = _part(w2, r0, n), _part(out, r0, n)
+            x = (o if in_out else _part(xbuf, 0, n)).addmm_(_part(uc, r0, n), pc, beta=0,
+                                                            alpha=alpha)
+            if in_out:
+                x.exp_().mul_(w)
+                continue
             if exact:
                 torch.mul(w, x.exp_(), out=o)
                 continue
@@ -79,7 +113,7 @@ class TorchBackend(Backend):
             torch.addcmul(w, w, e, value=c, out=o)
             if torch.isnan(o.sum()):  # one in-cache pass; a bool reduction costs 100x more
                 _fix_nonfinite(o, w, e, c)
-        return out.view(weight.shape)
+        return result
 
     def backward(self, grad: Tensor, weight: Tensor, u: Tensor, p: Tensor,
                  order: Optional[int], scale: float, need_dw: bool
@@ -89,10 +123,11 @@ class TorchBackend(Backend):
         w2, g2 = unfold(weight), unfold(grad)
         rows, cols = w2.shape
         cd = compute_dtype(weight.dtype)
-        dw = torch.empty((rows, cols), dtype=weight.dtype, device=weight.device) if need_dw else None
+        dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else None
+        dw2 = None if dw is None else dw.view(rows, cols)
         exact = order is None
         # exact exp: as in forward x = s·u@p (GEMM alpha), so exp(x) needs no scaling pass
-        uc, pc = u.to(cd), p.to(cd)
+        uc, pc = _cast(u, cd), _cast(p, cd)
         alpha, xs = (scale, 1.0) if exact else (1.0, scale)
         du = torch.empty((rows, u.shape[1]), dtype=cd, device=weight.device)
         need_x = need_dw or order != 1  # order 1: exp_0 = 1, Δ is not needed
@@ -112,12 +147,12 @@ class TorchBackend(Backend):
             if exact:
                 e = x.exp_()
                 if need_dw:
-                    torch.mul(g, e, out=_part(dw, r0, n))
+                    torch.mul(g, e, out=_part(dw2, r0, n))
                 t = e.mul_(g).mul_(w)
             else:
                 t = _part(tbuf, 0, n)
                 if need_dw:
-                    torch.mul(g, exp_series_(x, order, t, xs), out=_part(dw, r0, n))
+                    torch.mul(g, exp_series_(x, order, t, xs), out=_part(dw2, r0, n))
                 if order == 1 and w.dtype == cd:
                     torch.mul(g, w, out=t)
                 elif order == 1:  # 16-bit: torch.mul(g, w, out=t) would round g·W to 16 bits
@@ -130,7 +165,7 @@ class TorchBackend(Backend):
                 dp = torch.mm(ub.t(), t) if scale == 1.0 else ub.t().mm(t).mul_(scale)
             else:
                 dp.addmm_(ub.t(), t, alpha=scale)
-        return (None if dw is None else dw.view(weight.shape),
-                du.to(u.dtype), dp.to(p.dtype))
+        return dw, _cast(du, u.dtype), _cast(dp, p.dtype)
+
 
 BACKEND = TorchBackend()

@@ -14,8 +14,8 @@ on sm_90 every order at rank pad 16 and every rank pad (16..128) at the
 heaviest orders (8: the longest Horner chain; exact: ``exp``), plus dW, the
 grouped kernel and fp32 factors with a 16-bit W at the smallest and largest
 rank pad; on sm_80 the corners (orders 8/exact at rank pads 16 and 128). Every
-backward in both reductions; the fused Linear backward (16-bit W, atomics only)
-at order 1 and at the heavy orders over every rank pad.
+backward, and its finish kernel, in both reductions; the fused Linear backward
+(16-bit W, atomics only) at order 1 and at the heavy orders over every rank pad.
 Between those points only the length of an unrolled Horner chain or the tile
 shape changes, so the corners bound the rest; compiling all ~400 combinations
 would take about 15 minutes on 2 cores, the gate about 4. ``python -m lie_kernels.backends.triton_aot 80 90`` compiles
@@ -62,7 +62,7 @@ def cases(arch: int = 90) -> Iterator[Case]:
     backward in both reductions (split partials and atomics)."""
     for case in _cases(arch):
         yield case
-        if case.kernel == "bwd":
+        if case.kernel in ("bwd", "reduce"):  # reduce: atomic = zeroes dp_part too
             yield case._replace(atomic=True)
 
 
@@ -159,7 +159,7 @@ def _source(case: Case):
         sig = dict(du_part_ptr="*fp32", du_ptr=d, n_du="i32", du_splits="i32",
                    du_progs="i32", dp_part_ptr="*fp32", dp_ptr=d, n_dp="i32",
                    dp_splits="i32")
-        const = dict(BLOCK=1024)
+        const = dict(BLOCK=1024, ZERO_DP=case.atomic)
         div = ("du_part_ptr", "du_ptr", "dp_part_ptr", "dp_ptr", "n_du", "n_dp")
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
     src = ASTSource(fn, {**sig, **{k: "constexpr" for k in const}}, const, attrs)

@@ -177,11 +177,18 @@ class BwdPlan(NamedTuple):
     atomic: bool
 
     def scratch_floats(self, rows: int, cols: int, rank: int) -> int:
-        """fp32 scratch beyond the outputs (taken from the reused workspace): the atomic
-        accumulators, or the split partials."""
+        """fp32 scratch beyond the outputs: the atomic accumulators, or the split partials."""
         if self.atomic:
             return rank * (rows + cols)
         return rank * (self.col_splits * rows + self.row_splits * cols)
+
+    def zeroed_floats(self, rows: int, cols: int, rank: int) -> int:
+        """The part of the scratch that is added into, so must start at zero (taken
+        from the reused workspace); the deterministic ``dp_part`` is stored whole by
+        the kernel and is a plain per-call buffer instead."""
+        if self.atomic:
+            return self.scratch_floats(rows, cols, rank)
+        return rank * self.col_splits * rows
 
 
 def bwd_plan(rows: int, cols: int, cfg: Config, atomic: bool) -> BwdPlan:
@@ -193,27 +200,37 @@ def bwd_plan(rows: int, cols: int, cfg: Config, atomic: bool) -> BwdPlan:
                    triton.cdiv(col_tiles, ct_per), atomic)
 
 
-def _accumulate(u: Tensor, p: Tensor, cols: int, splits: Tuple[int, int], run
-                ) -> Tuple[Tensor, Tensor]:
+def _stored_scratch(n: int, device: torch.device) -> Tensor:
+    """fp32 scratch the kernel overwrites whole: uninitialised (tests fill it with NaN)."""
+    return torch.empty(n, dtype=torch.float32, device=device)
+
+
+def _accumulate(u: Tensor, p: Tensor, cols: int, splits: Tuple[int, int], run,
+                dp_stored: bool = False) -> Tuple[Tensor, Tensor]:
     """``du`` (like u) and ``dp`` (r × cols, p's dtype) from ``run(du_acc, dp_acc)``, a
     launch that adds the scaled gradients into zeroed fp32 accumulators, ``splits``
     = (du, dp) copies of each, summed in a fixed order by the finish kernel.
+    ``dp_stored``: the launch stores every element of ``dp_acc`` instead of adding.
 
-    The accumulators come from the reused workspace, and the finish kernel sums,
-    casts and zeroes them: two launches, no memset, and du, dp are fresh tensors
-    (the custom ops may not return two views of one buffer).
+    What is added into comes from the reused workspace, and the finish kernel sums,
+    casts and zeroes it: two launches, no memset. A stored ``dp_acc`` is a plain
+    buffer that nobody zeroes. du, dp are fresh tensors (the custom ops may not
+    return two views of one buffer).
     """
     rows, rank = u.shape
     n_du, n_dp = rank * rows, rank * cols
     du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     dp = torch.empty((rank, cols), dtype=p.dtype, device=p.device)
     s_u, s_p = splits
-    with _WORKSPACE.zeros(s_u * n_du + s_p * n_dp, u.device) as scratch:
-        du_acc, dp_acc = scratch[:s_u * n_du], scratch[s_u * n_du:]
+    added = s_u * n_du + (0 if dp_stored else s_p * n_dp)
+    with _WORKSPACE.zeros(added, u.device) as scratch:
+        du_acc = scratch[:s_u * n_du]
+        dp_acc = _stored_scratch(s_p * n_dp, u.device) if dp_stored else scratch[s_u * n_du:]
         run(du_acc, dp_acc)
         du_progs = triton.cdiv(n_du, REDUCE_BLOCK)
         K.lie_reduce_kernel[(du_progs + triton.cdiv(n_dp, REDUCE_BLOCK),)](
-            du_acc, du, n_du, s_u, du_progs, dp_acc, dp, n_dp, s_p, BLOCK=REDUCE_BLOCK)
+            du_acc, du, n_du, s_u, du_progs, dp_acc, dp, n_dp, s_p, BLOCK=REDUCE_BLOCK,
+            ZERO_DP=not dp_stored)
     return du, dp
 
 
@@ -304,7 +321,8 @@ class TritonBackend(Backend):
                 BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, DOT=dot_mode(weight.dtype),
                 ATOMIC=plan.atomic, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-        du, dp = _accumulate(u, p, cols, (1, 1) if plan.atomic else (s_c, s_r), run)
+        du, dp = _accumulate(u, p, cols, (1, 1) if plan.atomic else (s_c, s_r), run,
+                             dp_stored=not plan.atomic)
         return dw, du, columns_from_order(dp, weight.shape, perm)
 
     def linear_backward(self, grad_y: Tensor, x: Tensor, weight: Tensor, u: Tensor,

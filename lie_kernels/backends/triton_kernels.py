@@ -217,7 +217,8 @@ def lie_bwd_kernel(g_ptr, w_ptr, u_ptr, p_ptr, dw_ptr, du_part_ptr, dp_part_ptr,
     64/128 in fp32). Two reductions:
 
     * ``ATOMIC=False`` (deterministic): ``dp`` is stored into
-      ``dp_part[row_split]``; ``du`` goes to the program's own rows of
+      ``dp_part[row_split]`` (every element, every call: it needs no zeroing);
+      ``du`` goes to the program's own rows of
       ``du_part[col_split]`` (zeroed by the caller, cache resident). Only this
       program touches those rows, and each element always from the same thread
       (the layout is fixed at compile time), so its additions land in program
@@ -306,7 +307,7 @@ def lie_linear_bwd_kernel(gy_ptr, x_ptr, w_ptr, u_ptr, p_ptr, dw_ptr, du_ptr, dp
 
 
 @triton.jit
-def _split_sum(part_ptr, out_ptr, n, splits, pid, BLOCK: tl.constexpr):
+def _split_sum(part_ptr, out_ptr, n, splits, pid, BLOCK: tl.constexpr, ZERO: tl.constexpr):
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -314,19 +315,23 @@ def _split_sum(part_ptr, out_ptr, n, splits, pid, BLOCK: tl.constexpr):
     zero = tl.zeros((BLOCK,), dtype=tl.float32)
     for _ in range(splits):  # fixed order: deterministic; 64-bit pointer steps
         acc += tl.load(ptrs, mask=mask, other=0.0)
-        tl.store(ptrs, zero, mask=mask)  # leave the scratch zeroed for the next call
+        if ZERO:
+            tl.store(ptrs, zero, mask=mask)  # leave the scratch zeroed for the next call
         ptrs += n
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def lie_reduce_kernel(du_part_ptr, du_ptr, n_du, du_splits, du_progs,
-                      dp_part_ptr, dp_ptr, n_dp, dp_splits, BLOCK: tl.constexpr):
+                      dp_part_ptr, dp_ptr, n_dp, dp_splits, BLOCK: tl.constexpr,
+                      ZERO_DP: tl.constexpr):
     """du = Σ_s du_part[s] and dp = Σ_s dp_part[s] (already scaled), cast to the
-    factors' dtypes, in one launch (programs below ``du_progs`` do du); the parts
-    are zeroed as they are read (the backend reuses them: ``workspace.py``)."""
+    factors' dtypes, in one launch (programs below ``du_progs`` do du). The parts
+    that were added into are zeroed as they are read (the backend reuses them:
+    ``workspace.py``); ``ZERO_DP=False`` leaves dp_part, which the deterministic
+    backward stores whole on every call, as it is."""
     pid = tl.program_id(0)
     if pid < du_progs:
-        _split_sum(du_part_ptr, du_ptr, n_du, du_splits, pid, BLOCK)
+        _split_sum(du_part_ptr, du_ptr, n_du, du_splits, pid, BLOCK, True)
     else:
-        _split_sum(dp_part_ptr, dp_ptr, n_dp, dp_splits, pid - du_progs, BLOCK)
+        _split_sum(dp_part_ptr, dp_ptr, n_dp, dp_splits, pid - du_progs, BLOCK, ZERO_DP)

@@ -15,9 +15,10 @@ shapes, split counts and scratch (``triton_backend.bwd_config``/``bwd_plan``):
       deterministic (kernel "bwd-det", torch.use_deterministic_algorithms):
               adds du into du_part (col_splits × R × r), stores dp_part
               (row_splits × r × M); the finish launch reads both, writes du, dp,
-              zeroes them back (2 launches)
-              The scratch is reused zeroed from call to call (backends/workspace.py);
-              above workspace.MAX_FLOATS it is allocated per call: one memset more
+              zeroes du_part back (2 launches)
+              What is added into is reused zeroed from call to call
+              (backends/workspace.py); above workspace.MAX_FLOATS it is allocated per
+              call: one memset more
     elementwise fp32 FMAs: ~K+3 per element forward, ~2K+6 backward (exp: ~10)
 
     time = max(bytes / BW, mma_flops / MMA_PEAK + fma / FMA_PEAK) + launches · LAUNCH
@@ -82,11 +83,12 @@ def predict(rows: int, cols: int, rank: int, dtype: str, order: Optional[int],
         # du: one addition per (row, rank, column tile); dp: one per row split (atomics only)
         l2_atomic = 4 * rank * (rows * col_tiles + (cols * plan.row_splits if plan.atomic
                                                     else 0))
-        # the kernel, then the finish launch: reads the scratch, zeroes it back
-        dp_part = 0 if plan.atomic else 4 * rank * plan.row_splits * cols
-        scratch = 2 * partial + dp_part  # dp_part is also stored by the kernel
-        if partial > 4 * workspace.MAX_FLOATS:  # too big to keep: a memset per call
-            launches, scratch = 3, scratch + partial
+        # the finish launch reads the scratch and zeroes back what was added into; the
+        # rest (the deterministic dp_part) the kernel stores: 2 passes over it either way
+        zeroed = 4 * plan.zeroed_floats(rows, cols, rank)
+        scratch = 2 * partial
+        if zeroed > 4 * workspace.MAX_FLOATS:  # too big to keep: a memset per call
+            launches, scratch = 3, scratch + zeroed
         else:
             launches = 2
         moved = floor + factors + scratch + factors
