@@ -10,7 +10,9 @@ saves what the frozen base layer needs (x) plus W and the factors::
               G  = dL/dW' = conv_weight_grad(g_y, x)   (Linear: g_yᵀ x)
               du, dp, dW = backend.backward(G, W, u, p)                     (G freed)
 
-so at most one W-sized temporary is alive at a time. For Linear the last two
+so at most one W-sized temporary is alive at a time. W' is built with
+``backend.forward_transient``: used at once and dropped, it may live in a buffer
+the backend reuses (the torch backend does on CPU). For Linear the last two
 lines are one call, ``backend.linear_backward(g_y, x, ...)``: the seam where a
 backend may fuse ``g_yᵀ x`` with the Lie backward so G is never written. The
 Triton backend does for a 16-bit W (``lie_linear_bwd_kernel``: the GEMM with the
@@ -53,7 +55,7 @@ def _conv(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, dilatio
 
 def _forward(x, weight, bias, u, p, order, scale, be: Backend, conv):
     """``y``; ``conv`` is ``(stride, padding, dilation, groups)`` or None for Linear."""
-    w1 = be.forward(weight, u, p, _order(order), scale)
+    w1 = be.forward_transient(weight, u, p, _order(order), scale)
     if conv is None:
         return F.linear(x, w1, bias)
     return _conv(x, w1, bias, *conv)
@@ -67,7 +69,7 @@ def _backward(grad_y, x, weight, u, p, order, scale, be: Backend, conv,
     if conv is None:
         g2, x2 = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
         if need_x:
-            w1 = be.forward(weight, u, p, k, scale)
+            w1 = be.forward_transient(weight, u, p, k, scale)
             gx = g2.mm(w1).view(x.shape)
             del w1
         if need_b:
@@ -80,7 +82,7 @@ def _backward(grad_y, x, weight, u, p, order, scale, be: Backend, conv,
     bias_sizes = [weight.shape[0]] if need_b else None
     if need_x or need_b:
         # the weight's values matter for dx only: for dbias alone W stands in for W'
-        w1 = be.forward(weight, u, p, k, scale) if need_x else weight
+        w1 = be.forward_transient(weight, u, p, k, scale) if need_x else weight
         gx, _, gb = torch.ops.aten.convolution_backward(
             grad_y, x, w1, bias_sizes, *args, [need_x, False, need_b])
         del w1

@@ -285,3 +285,110 @@ def test_fp16_linear_on_triton_fuses_the_weight_gradient(fuse_all, monkeypatch):
     assert len(launches) == 1
     for g, w in zip(got, grads(_two_node(layer))):
         torch.testing.assert_close(g.float(), w.float(), rtol=3e-3, atol=3e-3)
+
+
+# -- the transient W' on CPU (torch backend: one reused buffer per thread) ---------------
+def _lowrank(rows, cols, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, cols, generator=g), 0.3 * torch.randn(rows, 3, generator=g),
+            0.3 * torch.randn(3, cols, generator=g))
+
+
+def test_transient_w_prime_reuses_one_buffer_per_thread(monkeypatch):
+    """``forward_transient`` gives ``forward``'s bits in the thread's reused buffer
+    (grown for a bigger W, then reused); another thread gets its own; above
+    ``TRANSIENT_MAX_BYTES`` every call allocates afresh."""
+    from lie_kernels.backends import torch_backend
+    be = get_backend("torch")
+    big, small = _lowrank(48, 70), _lowrank(20, 33, seed=1)
+    for order in (1, 4, None):
+        a = be.forward_transient(*big, order, 0.7)
+        assert torch.equal(a, be.forward(*big, order, 0.7))
+        ptr = a.data_ptr()
+        b = be.forward_transient(*small, order, 0.7)
+        assert b.data_ptr() == ptr and torch.equal(b, be.forward(*small, order, 0.7))
+    other = []
+    t = __import__("threading").Thread(
+        target=lambda: other.append(be.forward_transient(*big, 1, 0.7).data_ptr()))
+    t.start(), t.join()
+    assert other and other[0] != ptr
+    monkeypatch.setattr(torch_backend, "TRANSIENT_MAX_BYTES", 48 * 70 * 4 - 1)
+    first = be.forward_transient(*big, 1, 0.7)
+    assert first.data_ptr() != ptr and be.forward_transient(*big, 1, 0.7).data_ptr() != ptr
+
+
+def test_same_shape_layers_share_the_transient_buffer_correctly(fuse_all):
+    """Two one-node layers of one shape in a row build their W' in the same buffer
+    (the second overwrites the first's): outputs and every gradient still match the
+    two-node path, whose W' are separate tensors."""
+    torch.manual_seed(0)
+    layers = [_layer("conv2d-circular", "lowrank", 3, seed=s)[0] for s in (1, 2)]
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    params = [p for layer in layers for p in _params(layer)]
+    conv2 = nn.Conv2d(4, 3, 1)  # back to 3 channels so the second layer fits
+
+    def run(fn):
+        y = fn(layers[1], conv2(fn(layers[0], x)))
+        return [y, *torch.autograd.grad(y, [x, *params], torch.linspace(-1, 1, y.numel())
+                                        .view(y.shape))]
+    got = run(lambda layer, inp: layer(inp))
+    want = run(lambda layer, inp: _two_node(layer)(inp))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_block_buffers_are_reused_between_calls():
+    """After a first call, the torch backend's forward allocates nothing larger than
+    a factor but W' and its backward nothing larger than a factor: the row-block
+    buffers come from the thread's arena."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numels = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func._schema.name in ("aten::empty", "aten::empty_strided",
+                                     "aten::empty_like", "aten::zeros"):
+                self.numels.append(out.numel())
+            return out
+    be = get_backend("torch")
+    w, u, p = _lowrank(40, 50)
+    g = torch.randn_like(w)
+    for order in (2, None):
+        be.forward(w, u, p, order, 0.7), be.backward(g, w, u, p, order, 0.7, False)
+        with Sizes() as fwd:
+            be.forward(w, u, p, order, 0.7)
+        with Sizes() as bwd:
+            be.backward(g, w, u, p, order, 0.7, False)
+        factor = max(u.numel(), p.numel())  # du, dp and scalars may be allocated
+        assert [n for n in fwd.numels if n > factor] == [w.numel()]
+        assert [n for n in bwd.numels if n > factor] == []
+
+
+def test_arena_made_under_inference_mode_holds_normal_tensors():
+    """A first call under inference_mode must not leave an inference tensor behind
+    (views of it would be inference tensors too, which autograd cannot save); a later
+    training step through the same thread's buffers still trains."""
+    import threading
+    from lie_kernels.backends import torch_backend
+    result = []
+
+    def fresh_thread():  # a thread of its own: its arena starts empty
+        layer, x = _layer("linear", "lowrank", 4)
+        with torch.inference_mode():
+            layer(x)
+        slots = torch_backend._ARENA.slots
+        result.append(sorted(slots) == ["h", "out", "x"]
+                      and not any(b.is_inference() for b in slots.values()))
+        layer(x).sum().backward()
+        result.append(all(p.grad is not None for p in _params(layer)))
+    layer_ops.FUSE_MIN_NUMEL, old = 0, layer_ops.FUSE_MIN_NUMEL
+    try:
+        t = threading.Thread(target=fresh_thread)
+        t.start(), t.join()
+    finally:
+        layer_ops.FUSE_MIN_NUMEL = old
+    assert result == [True, True]

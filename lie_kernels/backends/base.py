@@ -69,6 +69,13 @@ class Backend:
                  ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
         raise NotImplementedError
 
+    def forward_transient(self, weight: Tensor, u: Tensor, p: Tensor,
+                          order: Optional[int], scale: float) -> Tensor:
+        """``forward`` for a W' the caller uses at once and drops (what a Lie layer
+        feeds its conv/linear): a backend may build it in a buffer it reuses, valid
+        until its next ``forward_transient`` on this thread. Default: ``forward``."""
+        return self.forward(weight, u, p, order, scale)
+
     def keeps_output(self, weight: Tensor, order: Optional[int]) -> bool:
         """Whether the op should save W' for ``output_backward`` (asked only when W
         itself needs no gradient) instead of calling ``backward``. Default: never."""
