@@ -7,6 +7,11 @@ custom op with fake implementations, it is opaque to ``torch.compile`` (no graph
 breaks) and autograd saves only W, u and p: never a tensor the size of W.
 Under ``torch.compile`` the backend is resolved inside the op, at run time:
 the registry (lazy imports, availability probes) is not traceable by dynamo.
+
+Eager mode runs the same formula through ``_EagerLieGemm``, with one size rule a
+backend may opt into (``Backend.keeps_output``; the torch backend does for the
+exact exp on a small frozen fp32/fp64 W): the op saves W' itself, so changing
+that W' in place before backward raises autograd's in-place error there.
 """
 from __future__ import annotations
 

@@ -208,3 +208,21 @@ def test_small_op_rebuilds_unless_exact_fp32_and_frozen(case):
     out, saved = _saved_during(
         lambda: lk.lie_weight_lowrank(w, a, b, order=order, scale=0.7, backend="torch"))
     assert [t.data_ptr() for t in saved if t.numel() == w.numel()] == [w.data_ptr()]
+
+
+@pytest.mark.parametrize("wdt,fdt", [(torch.float64, torch.float32),
+                                     (torch.float32, torch.float64)], ids=["w64-f32", "w32-f64"])
+def test_kept_output_backward_takes_factors_of_another_dtype(wdt, fdt):
+    """The layers' weight op (``ops.apply``) does not check factor dtypes: a kept W'
+    must give the same gradients, in the factors' dtypes, as the rebuilding path."""
+    from lie_kernels import ops
+    w, a, b = lowrank_inputs((30, 20), 4, dtype=wdt)
+    a, b = a.to(fdt).requires_grad_(True), b.to(fdt).requires_grad_(True)
+    g = torch.randn(30, 20, dtype=wdt)
+    out, saved = _saved_during(lambda: ops.apply(w, b, a, None, 0.7, "torch"))
+    assert out.data_ptr() in [t.data_ptr() for t in saved]
+    got = torch.autograd.grad(out, [a, b], g)
+    w.requires_grad_(True)  # dW asked for: the rebuilding path
+    want = torch.autograd.grad(ops.apply(w, b, a, None, 0.7, "torch"), [a, b], g)
+    for gg, gw in zip(got, want):
+        assert gg.dtype == fdt and rel_err(gg, gw) < 10 * FP32_TOL

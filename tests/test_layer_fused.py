@@ -307,6 +307,10 @@ def test_transient_w_prime_reuses_one_buffer_per_thread(monkeypatch):
         ptr = a.data_ptr()
         b = be.forward_transient(*small, order, 0.7)
         assert b.data_ptr() == ptr and torch.equal(b, be.forward(*small, order, 0.7))
+    torch_backend.release_buffers()
+    assert torch_backend._ARENA.slots == {}
+    assert torch.equal(be.forward_transient(*big, 1, 0.7), be.forward(*big, 1, 0.7))
+    ptr = be.forward_transient(*big, 1, 0.7).data_ptr()
     other = []
     t = __import__("threading").Thread(
         target=lambda: other.append(be.forward_transient(*big, 1, 0.7).data_ptr()))
@@ -317,10 +321,14 @@ def test_transient_w_prime_reuses_one_buffer_per_thread(monkeypatch):
     assert first.data_ptr() != ptr and be.forward_transient(*big, 1, 0.7).data_ptr() != ptr
 
 
-def test_same_shape_layers_share_the_transient_buffer_correctly(fuse_all):
+def test_same_shape_layers_share_the_transient_buffer_correctly(fuse_all, monkeypatch):
     """Two one-node layers of one shape in a row build their W' in the same buffer
     (the second overwrites the first's): outputs and every gradient still match the
     two-node path, whose W' are separate tensors."""
+    be, built = get_backend("torch"), []
+    real = be.forward_transient
+    monkeypatch.setattr(be, "forward_transient",
+                        lambda *args: (built.append(real(*args)), built[-1])[1])
     torch.manual_seed(0)
     layers = [_layer("conv2d-circular", "lowrank", 3, seed=s)[0] for s in (1, 2)]
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
@@ -332,6 +340,7 @@ def test_same_shape_layers_share_the_transient_buffer_correctly(fuse_all):
         return [y, *torch.autograd.grad(y, [x, *params], torch.linspace(-1, 1, y.numel())
                                         .view(y.shape))]
     got = run(lambda layer, inp: layer(inp))
+    assert len(built) == 4 and len({t.data_ptr() for t in built}) == 1  # fwd + bwd, 2 layers
     want = run(lambda layer, inp: _two_node(layer)(inp))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
@@ -392,3 +401,22 @@ def test_arena_made_under_inference_mode_holds_normal_tensors():
     finally:
         layer_ops.FUSE_MIN_NUMEL = old
     assert result == [True, True]
+
+
+def test_arena_stays_on_the_cpu_under_another_default_device():
+    """``torch.set_default_device`` must not move the CPU buffers: under a "meta"
+    default a CPU weight still gets its W' (and block buffers) on the CPU, with
+    ``forward``'s values."""
+    import threading
+    be, w = get_backend("torch"), _lowrank(24, 30)
+    want = {k: be.forward(*w, k, 0.7) for k in (3, None)}
+    got = {}
+
+    def fresh_thread():  # empty arena: the buffers are allocated under the default
+        with torch.device("meta"):
+            for k in want:
+                got[k] = be.forward_transient(*w, k, 0.7).clone()
+    t = threading.Thread(target=fresh_thread)
+    t.start(), t.join()
+    for k in want:
+        assert got[k].device.type == "cpu" and torch.equal(got[k], want[k])

@@ -60,17 +60,24 @@ class _Arena(threading.local):
         self.slots: Dict[str, Tensor] = {}
 
     def take(self, slot: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         buf = self.slots.get(slot)
         if buf is None or buf.numel() < nbytes:
-            # a normal tensor even when first asked for under inference_mode: views of
-            # an inference tensor are inference tensors, which autograd refuses to save
+            # on the CPU whatever the default device; a normal tensor even when first
+            # asked for under inference_mode: views of an inference tensor are inference
+            # tensors, which autograd refuses to save
             with torch.inference_mode(False):
-                buf = self.slots[slot] = torch.empty(nbytes, dtype=torch.uint8)
+                buf = self.slots[slot] = torch.empty(nbytes, dtype=torch.uint8,
+                                                     device="cpu")
         return buf[:nbytes].view(dtype).view(*shape)
 
 
 _ARENA = _Arena()
+
+
+def release_buffers() -> None:
+    """Free the calling thread's reused CPU buffers (made again when next needed)."""
+    _ARENA.slots.clear()
 
 
 def _buffer(slot: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device
@@ -124,10 +131,11 @@ class TorchBackend(Backend):
     def output_backward(self, grad: Tensor, out: Tensor, u: Tensor, p: Tensor,
                         scale: float) -> Tuple[Tensor, Tensor]:
         t = torch.mul(unfold(grad), unfold(out))  # kept only for fp32/fp64 W: t in W's dtype
-        du, dp = t.mm(p.t()), u.t().mm(t)
+        uc, pc = _cast(u, t.dtype), _cast(p, t.dtype)
+        du, dp = t.mm(pc.t()), uc.t().mm(t)
         if scale != 1.0:
             du.mul_(scale), dp.mul_(scale)
-        return du, dp
+        return _cast(du, u.dtype), _cast(dp, p.dtype)
 
     def forward(self, weight: Tensor, u: Tensor, p: Tensor,
                 order: Optional[int], scale: float) -> Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from contextlib import nullcontext
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -42,6 +43,8 @@ REDUCE_BLOCK = 1024
 LINEAR_GROUP = 8
 #: the backward's fp32 scratch, kept zeroed between calls (no memset launch per call)
 _WORKSPACE = Workspace()
+#: fp32 scratch the backward overwrites whole (deterministic dp partials), reused unzeroed
+_STORED = Workspace(zeroed=False)
 
 
 def _interpreting() -> bool:
@@ -200,11 +203,6 @@ def bwd_plan(rows: int, cols: int, cfg: Config, atomic: bool) -> BwdPlan:
                    triton.cdiv(col_tiles, ct_per), atomic)
 
 
-def _stored_scratch(n: int, device: torch.device) -> Tensor:
-    """fp32 scratch the kernel overwrites whole: uninitialised (tests fill it with NaN)."""
-    return torch.empty(n, dtype=torch.float32, device=device)
-
-
 def _accumulate(u: Tensor, p: Tensor, cols: int, splits: Tuple[int, int], run,
                 dp_stored: bool = False) -> Tuple[Tensor, Tensor]:
     """``du`` (like u) and ``dp`` (r × cols, p's dtype) from ``run(du_acc, dp_acc)``, a
@@ -212,10 +210,10 @@ def _accumulate(u: Tensor, p: Tensor, cols: int, splits: Tuple[int, int], run,
     = (du, dp) copies of each, summed in a fixed order by the finish kernel.
     ``dp_stored``: the launch stores every element of ``dp_acc`` instead of adding.
 
-    What is added into comes from the reused workspace, and the finish kernel sums,
-    casts and zeroes it: two launches, no memset. A stored ``dp_acc`` is a plain
-    buffer that nobody zeroes. du, dp are fresh tensors (the custom ops may not
-    return two views of one buffer).
+    What is added into comes from the reused zeroed workspace, and the finish kernel
+    sums, casts and zeroes it; a stored ``dp_acc`` comes from the reused pool that
+    nobody zeroes: two launches, no memset or fill. du, dp are fresh tensors (the
+    custom ops may not return two views of one buffer).
     """
     rows, rank = u.shape
     n_du, n_dp = rank * rows, rank * cols
@@ -223,9 +221,10 @@ def _accumulate(u: Tensor, p: Tensor, cols: int, splits: Tuple[int, int], run,
     dp = torch.empty((rank, cols), dtype=p.dtype, device=p.device)
     s_u, s_p = splits
     added = s_u * n_du + (0 if dp_stored else s_p * n_dp)
-    with _WORKSPACE.zeros(added, u.device) as scratch:
+    with _WORKSPACE.take(added, u.device) as scratch, \
+            (_STORED.take(s_p * n_dp, u.device) if dp_stored
+             else nullcontext(scratch[s_u * n_du:])) as dp_acc:
         du_acc = scratch[:s_u * n_du]
-        dp_acc = _stored_scratch(s_p * n_dp, u.device) if dp_stored else scratch[s_u * n_du:]
         run(du_acc, dp_acc)
         du_progs = triton.cdiv(n_du, REDUCE_BLOCK)
         K.lie_reduce_kernel[(du_progs + triton.cdiv(n_dp, REDUCE_BLOCK),)](

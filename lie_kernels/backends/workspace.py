@@ -1,9 +1,13 @@
-"""Zeroed fp32 scratch reused from call to call, one buffer per (device, stream).
+"""fp32 scratch reused from call to call, one buffer per (device, stream) and pool.
 
 The Triton backward adds into fp32 scratch that must start at zero, and its
 finish kernel zeroes what it read. Keeping that scratch between calls saves the
 memset launch a fresh ``torch.zeros`` costs on every backward, a third of the
-launches of a small layer's backward (those are launch-bound).
+launches of a small layer's backward (those are launch-bound). Scratch that a
+kernel overwrites whole (the deterministic backward's dp partials) comes from a
+second pool with no all-zero rule: a fresh ``torch.empty`` would cost a fill
+launch there, because ``torch.use_deterministic_algorithms(True)`` also fills
+uninitialised memory with NaN (``torch.utils.deterministic``).
 
 Safety: a buffer is taken out of the pool for the duration of a call, so a
 concurrent call on the same stream gets a fresh one instead of sharing it;
@@ -39,26 +43,32 @@ def _key(device: torch.device) -> Tuple:
 
 
 class Workspace:
-    """A pool of all-zero fp32 buffers keyed by (device, stream)."""
+    """A pool of fp32 buffers keyed by (device, stream): all zero when ``zeroed``,
+    else with whatever the last user left in them."""
 
-    def __init__(self):
+    def __init__(self, zeroed: bool = True):
+        self.zeroed = zeroed
         self._lock = threading.Lock()
         self._free: Dict[Tuple, Tuple[Tensor, bool]] = {}  # key -> (buffer, all zero)
 
+    def _new(self, n: int, device: torch.device) -> Tensor:
+        make = torch.zeros if self.zeroed else torch.empty
+        return make(n, dtype=torch.float32, device=device)
+
     @contextmanager
-    def zeros(self, n: int, device: torch.device) -> Iterator[Tensor]:
-        """An all-zero fp32 tensor of ``n`` elements. The caller must leave it all
-        zero again (in stream order) when the block exits normally."""
+    def take(self, n: int, device: torch.device) -> Iterator[Tensor]:
+        """An fp32 tensor of ``n`` elements, this call's alone. From a ``zeroed`` pool
+        it is all zero and the caller must leave it all zero again (in stream order)
+        when the block exits normally; otherwise the caller writes before it reads."""
         if n > MAX_FLOATS or _capturing(device):
-            yield torch.zeros(n, dtype=torch.float32, device=device)
+            yield self._new(n, device)
             return
         key = _key(device)
         with self._lock:
             buf, clean = self._free.pop(key, (None, True))
         if buf is None or buf.numel() < n:
-            size = min(MAX_FLOATS, 1 << max(0, n - 1).bit_length())
-            buf, clean = torch.zeros(size, dtype=torch.float32, device=device), True
-        if not clean:
+            buf, clean = self._new(min(MAX_FLOATS, 1 << max(0, n - 1).bit_length()), device), True
+        if self.zeroed and not clean:
             buf.zero_()
         ok = False
         try:

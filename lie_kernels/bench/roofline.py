@@ -16,9 +16,11 @@ shapes, split counts and scratch (``triton_backend.bwd_config``/``bwd_plan``):
               adds du into du_part (col_splits × R × r), stores dp_part
               (row_splits × r × M); the finish launch reads both, writes du, dp,
               zeroes du_part back (2 launches)
-              What is added into is reused zeroed from call to call
-              (backends/workspace.py); above workspace.MAX_FLOATS it is allocated per
-              call: one memset more
+              What is added into is reused zeroed from call to call, dp_part from a
+              pool that is never zeroed (backends/workspace.py); above
+              workspace.MAX_FLOATS each is allocated per call: one memset (or, in
+              deterministic mode, NaN fill) more. Deterministic mode also NaN-fills
+              the outputs PyTorch allocates: du, dp (and dW) are written twice there
     elementwise fp32 FMAs: ~K+3 per element forward, ~2K+6 backward (exp: ~10)
 
     time = max(bytes / BW, mma_flops / MMA_PEAK + fma / FMA_PEAK) + launches · LAUNCH
@@ -86,11 +88,15 @@ def predict(rows: int, cols: int, rank: int, dtype: str, order: Optional[int],
         # the finish launch reads the scratch and zeroes back what was added into; the
         # rest (the deterministic dp_part) the kernel stores: 2 passes over it either way
         zeroed = 4 * plan.zeroed_floats(rows, cols, rank)
-        scratch = 2 * partial
-        if zeroed > 4 * workspace.MAX_FLOATS:  # too big to keep: a memset per call
-            launches, scratch = 3, scratch + zeroed
-        else:
-            launches = 2
+        scratch, launches = 2 * partial, 2
+        # too big to keep: allocated per call, so zeroed (a memset) or, in deterministic
+        # mode, NaN-filled by PyTorch (torch.utils.deterministic): one launch and pass more
+        for fresh in (zeroed, partial - zeroed):
+            if fresh > 4 * workspace.MAX_FLOATS:
+                launches, scratch = launches + 1, scratch + fresh
+        if not plan.atomic:  # that fill also hits the outputs: du, dp (and dW) once more
+            launches += 3 if need_dw else 2
+            scratch += factors + (n * e if need_dw else 0)
         moved = floor + factors + scratch + factors
         contractions = 3
     if dtype == "fp32":  # FMA dots (see triton_kernels: why not tf32)
