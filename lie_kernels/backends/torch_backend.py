@@ -36,7 +36,6 @@ CHUNK_ELEMS = 1 << 19
 #: layer_ops.FUSE_MIN_NUMEL) save W' for their conv anyway, so there it costs nothing.
 KEEP_OUTPUT_NUMEL = 1 << 16
 
-
 #: the largest W' (in bytes) that ``forward_transient`` builds in the thread's reused
 #: buffer: every conv of ResNet, ConvNeXt and SD-1.5 in fp32. Larger ones (big Linear
 #: layers, whose GEMMs dwarf the page faults) are allocated per call.
@@ -50,7 +49,8 @@ class _Arena(threading.local):
     on every call (the allocator hands big blocks back to the OS when they are
     freed). Measured on this project's 2-core VM: a 512x512x3x3 conv ran 10.0 ms
     on a freshly allocated copy of its weight, 2.6 ms on the same values copied
-    into a reused buffer; one ResNet-18 LieRA training step, 207-217 ms -> 183-206 ms.
+    into a reused buffer; one ResNet-18 LieRA training step (order 1), 207-232 ms
+    -> 181-190 ms.
     Buffers are uninitialised and never shrink; a slot serves one tensor at a time:
     the block slots within one backend call, "out" until the thread's next
     ``forward_transient``.
