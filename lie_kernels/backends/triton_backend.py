@@ -187,8 +187,8 @@ class BwdPlan(NamedTuple):
 
     def zeroed_floats(self, rows: int, cols: int, rank: int) -> int:
         """The part of the scratch that is added into, so must start at zero (taken
-        from the reused workspace); the deterministic ``dp_part`` is stored whole by
-        the kernel and is a plain per-call buffer instead."""
+        from the reused zeroed workspace); the deterministic ``dp_part`` is stored
+        whole by the kernel and comes from the reused pool that is never zeroed."""
         if self.atomic:
             return self.scratch_floats(rows, cols, rank)
         return rank * self.col_splits * rows
