@@ -1,5 +1,6 @@
-"""Random inputs and the float64 reference used across the tests."""
+"""Random inputs, the float64 reference and small probes used across the tests."""
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lie_kernels.reference import lie_weight_lowrank_ref, lie_weight_ref
 
@@ -70,3 +71,19 @@ def outputs_and_grads(model, x):
     params = [p for p in model.parameters() if p.requires_grad]
     out = model(x)
     return [out, *torch.autograd.grad(out.square().sum(), params)]
+
+
+class Allocations(TorchDispatchMode):
+    """Every tensor allocated by an ``empty``/``zeros`` factory call while active (what
+    the backends allocate; outputs of other ops, e.g. ``mm``, are not seen)."""
+    FACTORIES = ("aten::empty", "aten::zeros", "aten::empty_strided", "aten::empty_like")
+
+    def __init__(self):
+        super().__init__()
+        self.tensors = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._schema.name in self.FACTORIES:
+            self.tensors.append(out)
+        return out

@@ -13,6 +13,8 @@ from lie_kernels import layer_ops
 from lie_kernels.backends import get_backend
 from lie_kernels.reference import lie_weight_lowrank_ref, lie_weight_ref
 
+from helpers import Allocations, lowrank_inputs
+
 # (base layer factory, input shape): strides, dilation, groups, padding modes, unbatched
 LAYERS = {
     "linear": (lambda: nn.Linear(13, 11), (2, 3, 13)),
@@ -288,10 +290,10 @@ def test_fp16_linear_on_triton_fuses_the_weight_gradient(fuse_all, monkeypatch):
 
 
 # -- the transient W' on CPU (torch backend: one reused buffer per thread) ---------------
-def _lowrank(rows, cols, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, cols, generator=g), 0.3 * torch.randn(rows, 3, generator=g),
-            0.3 * torch.randn(3, cols, generator=g))
+def _wup(rows, cols):
+    """``(W, u, p)`` as the backends take them (u = b, p = a)."""
+    w, a, b = lowrank_inputs((rows, cols), 3)
+    return w, b, a
 
 
 def test_transient_w_prime_reuses_one_buffer_per_thread(monkeypatch):
@@ -300,7 +302,7 @@ def test_transient_w_prime_reuses_one_buffer_per_thread(monkeypatch):
     ``TRANSIENT_MAX_BYTES`` every call allocates afresh."""
     from lie_kernels.backends import torch_backend
     be = get_backend("torch")
-    big, small = _lowrank(48, 70), _lowrank(20, 33, seed=1)
+    big, small = _wup(48, 70), _wup(20, 33)
     for order in (1, 4, None):
         a = be.forward_transient(*big, order, 0.7)
         assert torch.equal(a, be.forward(*big, order, 0.7))
@@ -350,31 +352,18 @@ def test_block_buffers_are_reused_between_calls():
     """After a first call, the torch backend's forward allocates nothing larger than
     a factor but W' and its backward nothing larger than a factor: the row-block
     buffers come from the thread's arena."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Sizes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.numels = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func._schema.name in ("aten::empty", "aten::empty_strided",
-                                     "aten::empty_like", "aten::zeros"):
-                self.numels.append(out.numel())
-            return out
     be = get_backend("torch")
-    w, u, p = _lowrank(40, 50)
+    w, u, p = _wup(40, 50)
     g = torch.randn_like(w)
     for order in (2, None):
         be.forward(w, u, p, order, 0.7), be.backward(g, w, u, p, order, 0.7, False)
-        with Sizes() as fwd:
+        with Allocations() as fwd:
             be.forward(w, u, p, order, 0.7)
-        with Sizes() as bwd:
+        with Allocations() as bwd:
             be.backward(g, w, u, p, order, 0.7, False)
         factor = max(u.numel(), p.numel())  # du, dp and scalars may be allocated
-        assert [n for n in fwd.numels if n > factor] == [w.numel()]
-        assert [n for n in bwd.numels if n > factor] == []
+        assert [t.numel() for t in fwd.tensors if t.numel() > factor] == [w.numel()]
+        assert [t.numel() for t in bwd.tensors if t.numel() > factor] == []
 
 
 def test_arena_made_under_inference_mode_holds_normal_tensors():
@@ -408,7 +397,7 @@ def test_arena_stays_on_the_cpu_under_another_default_device():
     default a CPU weight still gets its W' (and block buffers) on the CPU, with
     ``forward``'s values."""
     import threading
-    be, w = get_backend("torch"), _lowrank(24, 30)
+    be, w = get_backend("torch"), _wup(24, 30)
     want = {k: be.forward(*w, k, 0.7) for k in (3, None)}
     got = {}
 

@@ -9,12 +9,11 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lie_kernels as lk
 from lie_kernels.backends import get_backend, select_backend, triton_backend
 
-from helpers import lowrank_inputs, ref_lowrank, rel_err
+from helpers import Allocations, lowrank_inputs, ref_lowrank, rel_err
 
 USABLE, WHY = lk.available_backends().get("triton", (False, "triton backend not registered"))
 needs_triton = pytest.mark.skipif(not USABLE, reason=f"triton unusable here: {WHY}")
@@ -120,21 +119,6 @@ def test_both_reductions_match_fp64(monkeypatch, deterministic, order, wdt, fact
     assert a.grad.dtype == b.grad.dtype == factors
 
 
-class _Allocations(TorchDispatchMode):
-    """Every fp32 buffer the backend allocates (the interpreter's own bytes are uint8)."""
-
-    def __init__(self):
-        super().__init__()
-        self.tensors = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func._schema.name in ("aten::empty", "aten::zeros", "aten::empty_strided") and \
-                out.dtype == torch.float32 and out.numel():
-            self.tensors.append(out)
-        return out
-
-
 @needs_triton
 @pytest.mark.parametrize("n", [512, 64])
 @pytest.mark.parametrize("factors", [torch.float32, torch.float16], ids=["f32", "f16"])
@@ -155,7 +139,7 @@ def test_backward_scratch_is_what_the_plan_says(monkeypatch, deterministic, fact
                                                                         real(n, device))[1])
     backward = triton_backend.BACKEND.backward
     backward(torch.randn_like(w), w, u, p, 2, 0.5, False)
-    with _Allocations() as seen:
+    with Allocations() as seen:
         _, du, dp = backward(torch.randn_like(w), w, u, p, 2, 0.5, False)
     cfg = (triton_backend._interp_config(n, n) if DEVICE == "cpu"
            else triton_backend.bwd_config(16, "fp16", factors == torch.float32))
@@ -165,7 +149,9 @@ def test_backward_scratch_is_what_the_plan_says(monkeypatch, deterministic, fact
     assert (zeroed < scratch) == deterministic
     outputs = {du.untyped_storage().data_ptr(), dp.untyped_storage().data_ptr()}
     assert len(outputs) == 2 and du.dtype == dp.dtype == factors
-    assert not [t for t in seen.tensors if t.untyped_storage().data_ptr() not in outputs]
+    # fp32 only: the interpreter's own buffers are uint8
+    assert not [t for t in seen.tensors if t.dtype == torch.float32 and t.numel()
+                and t.untyped_storage().data_ptr() not in outputs]
     for buf, clean in triton_backend._WORKSPACE._free.values():
         assert clean and not buf.any()
     if not deterministic and n == 512:
@@ -446,7 +432,7 @@ def test_scratch_past_the_workspace_cap_is_allocated_per_call(monkeypatch):
     g = torch.randn_like(w)
     _, du0, dp0 = triton_backend.BACKEND.backward(g, w, u, p, 2, 0.5, False)
     monkeypatch.setattr(workspace, "MAX_FLOATS", 16)
-    with _Allocations() as seen:
+    with Allocations() as seen:
         _, du, dp = triton_backend.BACKEND.backward(g, w, u, p, 2, 0.5, False)
     assert any(t.numel() == 4 * (48 + 72) for t in seen.tensors)  # zeroed per call
     assert torch.equal(du, du0) and torch.equal(dp, dp0)
