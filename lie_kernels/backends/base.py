@@ -78,7 +78,8 @@ class Backend:
 
     def keeps_output(self, weight: Tensor, order: Optional[int]) -> bool:
         """Whether the op should save W' for ``output_backward`` (asked only when W
-        itself needs no gradient) instead of calling ``backward``. Default: never."""
+        itself needs no gradient) instead of calling ``backward``; true only for the
+        exact exp, the one order where ``t`` follows from W'. Default: never."""
         return False
 
     def output_backward(self, grad: Tensor, out: Tensor, u: Tensor, p: Tensor,
