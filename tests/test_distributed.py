@@ -1,6 +1,4 @@
 """A LieRA-injected model under DDP / FSDP2 (gloo, 2 CPU processes) gets one process's grads."""
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -35,9 +33,9 @@ def _grads(wrapped, model, x, y):
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _worker(rank, port, kind, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+def _worker(rank, store, kind, out):
+    # a file store: no TCP store server thread in rank 0, no free-port race
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         model = _model()
         if kind == "ddp":
@@ -54,14 +52,11 @@ def _worker(rank, port, kind, out):
             grads = {n: g.full_tensor() for n, g in grads.items()}
         if rank == 0:
             torch.save(grads, out)
+        # Tear down together: gloo aborts a rank (SIGABRT, "terminate called without an
+        # active exception", seen once in CI) whose peer closes its sockets mid-teardown.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -70,7 +65,7 @@ def _free_port():
 def test_two_processes_match_one(kind, tmp_path):
     out = str(tmp_path / "grads.pt")
     # spawn (not fork): a clean interpreter per rank, as torchrun gives
-    mp.start_processes(_worker, args=(_free_port(), kind, out), nprocs=WORLD,
+    mp.start_processes(_worker, args=(str(tmp_path / "store"), kind, out), nprocs=WORLD,
                        start_method="spawn")
     got = torch.load(out)
     model = _model()
