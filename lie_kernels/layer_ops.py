@@ -12,11 +12,12 @@ saves what the frozen base layer needs (x) plus W and the factors::
 
 so at most one W-sized temporary is alive at a time. W' is built with
 ``backend.forward_transient``: used at once and dropped, it may live in a buffer
-the backend reuses (the torch backend does on CPU). For Linear the last two
-lines are one call, ``backend.linear_backward(g_y, x, ...)``: the seam where a
-backend may fuse ``g_yᵀ x`` with the Lie backward so G is never written. The
-Triton backend does for a 16-bit W (``lie_linear_bwd_kernel``: the GEMM with the
-Lie backward as its epilogue); the default forms G.
+the backend reuses (the torch backend does on CPU). The last two lines are one
+call, ``backend.linear_backward(g_y, x, ...)`` / ``backend.conv_backward``: the
+seam where a backend may fuse ``g_yᵀ x`` with the Lie backward so G is never
+written (the Triton backend does for a 16-bit Linear W: ``lie_linear_bwd_kernel``,
+the GEMM with the Lie backward as its epilogue) or form G where it likes (the
+torch backend: on CPU in the buffer W' used, dead by then); the default forms G.
 
 Recomputing W' costs one more fused forward per layer; for layers below
 ``FUSE_MIN_NUMEL`` weight elements that is not worth the few KiB it saves, and
@@ -87,11 +88,7 @@ def _backward(grad_y, x, weight, u, p, order, scale, be: Backend, conv,
             grad_y, x, w1, bias_sizes, *args, [need_x, False, need_b])
         del w1
     if need_w or need_lie:
-        # dL/dW' = conv_weight_grad(g_y, x) reads only W's shape, not W' itself
-        _, g, _ = torch.ops.aten.convolution_backward(grad_y, x, weight, None, *args,
-                                                      [False, True, False])
-        gw, du, dp = be.backward(g, weight, u, p, k, scale, need_w)
-        del g
+        gw, du, dp = be.conv_backward(grad_y, x, weight, u, p, k, scale, need_w, conv)
     return gx, gw, gb, du, dp
 
 

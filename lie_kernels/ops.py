@@ -4,7 +4,8 @@
 ``W ⊙ exp_K(scale · u @ p)`` on W's ``(C_out, M)`` unfolding (``order=-1``
 encodes the exact exp; ``backend`` is a backend name or ``"auto"``). Being a
 custom op with fake implementations, it is opaque to ``torch.compile`` (no graph
-breaks) and autograd saves only W, u and p: never a tensor the size of W.
+breaks) and autograd saves only W, u and p: never a tensor the size of W, but for
+the one size rule below.
 Under ``torch.compile`` the backend is resolved inside the op, at run time:
 the registry (lazy imports, availability probes) is not traceable by dynamo.
 

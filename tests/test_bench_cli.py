@@ -56,6 +56,7 @@ def test_helps_differ_between_subcommands(capsys):
     (["--params", "cp"], "lowrank"),
     (["--passes", "bwd"], "fwdbwd"),
     (["--backends", "gpu"], "torch"),
+    (["train", "--repeats", "0"], "integer >= 1"),
 ])
 def test_bad_values_are_errors_naming_the_valid_ones(capsys, argv, named):
     code, _, err = _exit(capsys, argv)
@@ -175,6 +176,34 @@ def test_multi_and_train_subcommands(tmp_path):
         out = _run(cmd, "--quick", "--out", str(tmp_path))
         assert needle in out
     assert "# legend:" in (tmp_path / "multi.txt").read_text()
+
+
+def test_train_rows_are_medians_over_interleaved_processes(monkeypatch):
+    """With ``repeats`` 3 every method of a model runs once per round (so drift hits all
+    alike); a row is the median step time and peak over its processes, with the peaks'
+    range, and one failed process fails the row."""
+    from lie_kernels.bench import train
+    calls, fake = [], {("m", "PEFT LoRA"): [(10, 100), (30, 90), (20, 140)],
+                       ("m", "LieRA order=1"): [(13, 100), (11, 120), (12, 101)],
+                       ("m", "LieRA order=4"): [(1, 1), None, (1, 1)]}
+
+    def fresh(model, method, device, rank, s):
+        calls.append(method)
+        got = fake[(model, method)][sum(c == method for c in calls) - 1]
+        if got is None:
+            return dict(model=model, method=method, error="boom")
+        return dict(model=model, method=method, targets=1, trainable=1, ms=got[0],
+                    peak_mib=got[1])
+    monkeypatch.setattr(train, "_fresh", fresh)
+    methods = ["PEFT LoRA", "LieRA order=1", "LieRA order=4"]
+    rows = train.run("cpu", log=lambda *_: None, models=["m"], methods=methods, repeats=3)
+    assert calls == methods * 3
+    lora, lie, failed = rows
+    assert (lora["ms"], lora["peak_mib"], lora["peak_min"], lora["peak_max"],
+            lora["runs"]) == (20, 100, 90, 140, 3)
+    assert (lie["ms"], lie["peak_mib"]) == (12, 101)
+    assert lie["time_vs_lora"] == 12 / 20 and lie["mem_vs_lora"] == 101 / 100
+    assert failed["error"] == "boom" and "time_vs_lora" not in failed
 
 
 def test_linear_says_what_it_needs_without_a_gpu(tmp_path):

@@ -36,6 +36,16 @@ def fuse_all(monkeypatch):
     monkeypatch.setattr(layer_ops, "FUSE_MIN_NUMEL", 0)
 
 
+@pytest.fixture(params=["aten", "gemm"])
+def wgrad_route(request, monkeypatch):
+    """The torch backend forms a conv's dL/dW' with ATen, or as one GEMM wherever it can
+    (groups 1, 1-D/2-D): the documented switch pushed to either end."""
+    from lie_kernels.backends import torch_backend
+    monkeypatch.setattr(torch_backend, "WGRAD_GEMM_POSITIONS",
+                        0.0 if request.param == "aten" else float("inf"))
+    return request.param
+
+
 def _layer(kind, parametrization, order, train_bias=False, seed=0):
     torch.manual_seed(seed)
     make, xshape = LAYERS[kind]
@@ -88,8 +98,8 @@ def _ref64(layer):
 @pytest.mark.parametrize("parametrization,order", [("tucker", 1), ("tucker", 4),
                                                    ("lowrank", None), ("lowrank", 2)])
 @pytest.mark.parametrize("train_bias", [False, True])
-def test_one_node_matches_two_node_and_fp64(fuse_all, kind, parametrization, order,
-                                            train_bias):
+def test_one_node_matches_two_node_and_fp64(fuse_all, wgrad_route, kind, parametrization,
+                                            order, train_bias):
     layer, x = _layer(kind, parametrization, order, train_bias)
     got = _grads(layer, layer, x)
     want = _grads(_two_node(layer), layer, x)
@@ -323,10 +333,11 @@ def test_transient_w_prime_reuses_one_buffer_per_thread(monkeypatch):
     assert first.data_ptr() != ptr and be.forward_transient(*big, 1, 0.7).data_ptr() != ptr
 
 
-def test_same_shape_layers_share_the_transient_buffer_correctly(fuse_all, monkeypatch):
-    """Two one-node layers of one shape in a row build their W' in the same buffer
-    (the second overwrites the first's): outputs and every gradient still match the
-    two-node path, whose W' are separate tensors."""
+def test_same_shape_layers_share_the_transient_buffer_correctly(fuse_all, wgrad_route,
+                                                                monkeypatch):
+    """Two one-node layers of one shape in a row build their W' (and, on the GEMM route,
+    their dL/dW') in the same buffer, each overwriting the last: outputs and every
+    gradient still match the two-node path, whose W' are separate tensors."""
     be, built = get_backend("torch"), []
     real = be.forward_transient
     monkeypatch.setattr(be, "forward_transient",
@@ -392,6 +403,64 @@ def test_arena_made_under_inference_mode_holds_normal_tensors():
     assert result == [True, True]
 
 
+def _in_fresh_thread(fn):
+    """``fn()`` on a thread of its own (its arena starts empty); re-raises its error."""
+    import threading
+    err = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 -- handed to the test's thread
+            err.append(e)
+    t = threading.Thread(target=run)
+    t.start(), t.join()
+    if err:
+        raise err[0]
+
+
+def test_arena_keeps_no_fake_tensor_from_a_dispatch_mode():
+    """A layer run once under FakeTensorMode (shape and FLOP estimators do this) must not
+    leave fake buffers behind: the next real calls on that thread (one-node exact, and
+    order 2 through the block buffers) give the same W' and output as before."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from lie_kernels.backends import torch_backend
+    torch.manual_seed(0)
+    layers = [lk.nn.LieLinear(nn.Linear(256, 256), rank=2, order=k) for k in (None, 2)]
+    for layer in layers:
+        with torch.no_grad():
+            layer.lie_a.normal_(0, 0.3), layer.lie_b.normal_(0, 0.3)
+    x = torch.randn(3, 256)
+    want = [layer(x).detach() for layer in layers]
+
+    def fresh_thread():
+        for layer in layers:
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                try:
+                    layer(mode.from_tensor(x))
+                except Exception:  # noqa: BLE001 -- order 2's eager NaN check is data-dependent
+                    pass
+        assert all(type(b) is torch.Tensor for b in torch_backend._ARENA.slots.values())
+        for layer, w in zip(layers, want):
+            torch.testing.assert_close(layer(x), w, rtol=0, atol=0)
+    _in_fresh_thread(fresh_thread)
+
+
+def test_jit_trace_of_a_one_node_layer():
+    """``torch.jit.trace`` records the layer (no reused buffer baked into its graph as a
+    constant, no ``view(dtype)`` the tracer rejects) and the trace computes the layer."""
+    torch.manual_seed(0)
+    layer = lk.nn.LieLinear(nn.Linear(256, 256), rank=2, order=1)
+    with torch.no_grad():
+        layer.lie_a.normal_(0, 0.3), layer.lie_b.normal_(0, 0.3)
+    x = torch.randn(3, 256)
+
+    def fresh_thread():
+        traced = torch.jit.trace(layer, x, check_trace=False)
+        torch.testing.assert_close(traced(x + 1), layer(x + 1), rtol=0, atol=0)
+    _in_fresh_thread(fresh_thread)
+
+
 def test_arena_stays_on_the_cpu_under_another_default_device():
     """``torch.set_default_device`` must not move the CPU buffers: under a "meta"
     default a CPU weight still gets its W' (and block buffers) on the CPU, with
@@ -409,3 +478,65 @@ def test_arena_stays_on_the_cpu_under_another_default_device():
     t.start(), t.join()
     for k in want:
         assert got[k].device.type == "cpu" and torch.equal(got[k], want[k])
+
+
+def _spy_backward(monkeypatch):
+    """The dL/dW' each call of the torch backend's ``backward`` receives."""
+    be, seen = get_backend("torch"), []
+    real = type(be).backward
+    monkeypatch.setattr(type(be), "backward", lambda self, g, *a: seen.append(g) or
+                        real(self, g, *a))
+    return be, seen
+
+
+def _in_transient_buffer(t):
+    from lie_kernels.backends import torch_backend
+    buf = torch_backend._ARENA.slots.get("out")
+    return buf is not None and t.data_ptr() == buf.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("nd,batch,taken", [(2, 2, True), (2, 3, False), (1, 2, True),
+                                            (1, 3, False)])
+def test_conv_weight_gradient_gemm_at_the_documented_switch(monkeypatch, dtype, nd, batch,
+                                                            taken):
+    """C_out = 32 and 4 output positions per sample: batch 2 gives N·L = 8 =
+    ``WGRAD_GEMM_POSITIONS``·C_out (the GEMM into the transient buffer), batch 3 gives 12
+    (ATen). Either way du, dp, dW match the base class's ATen route and float64; strided
+    (non-contiguous) x, stride, dilation and padding included."""
+    from lie_kernels.backends import Backend, torch_backend
+    assert torch_backend.WGRAD_GEMM_POSITIONS == 0.25
+    be, seen = _spy_backward(monkeypatch)
+    torch.manual_seed(3)
+    k = (3,) * nd
+    w = torch.randn(32, 5, *k, dtype=dtype)
+    u, p = torch.randn(32, 3, dtype=dtype), torch.randn(3, w[0].numel(), dtype=dtype)
+    # stride 2, dilation 2, padding 1: a 5x5 input gives 2x2 outputs, a 1-D 9 gives 4
+    size = (5, 5) if nd == 2 else (9,)
+    x = torch.randn(batch, 2 * 5, *size, dtype=dtype)[:, ::2]  # non-contiguous
+    conv = ([2] * nd, [1] * nd, [2] * nd, 1)
+    y = torch.ops.aten.convolution(x, w, None, *conv[:3], False, [0] * nd, 1)
+    assert y[0, 0].numel() == 4
+    gy = torch.randn_like(y)
+    got = be.conv_backward(gy, x, w, u, p, 2, 0.7, True, conv)
+    assert len(seen) == 1 and _in_transient_buffer(seen[0]) == taken
+    want = Backend.conv_backward(be, gy, x, w, u, p, 2, 0.7, True, conv)
+    ref = Backend.conv_backward(be, gy.double(), x.double(), w.double(), u.double(),
+                                p.double(), 2, 0.7, True, conv)
+    for g, wn, r in zip(got, want, ref):
+        torch.testing.assert_close(g, wn, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_weight_gradient_in_the_transient_buffer(monkeypatch):
+    """On CPU, dL/dW' = grad_yᵀ x of a Linear layer is written into the reused buffer
+    (no fresh W-sized tensor), and the gradients are the base class's."""
+    from lie_kernels.backends import Backend
+    be, seen = _spy_backward(monkeypatch)
+    w, u, p = _wup(40, 50)
+    gy, x = torch.randn(7, 40), torch.randn(7, 50)
+    got = be.linear_backward(gy, x, w, u, p, None, 0.7, True)
+    assert len(seen) == 1 and _in_transient_buffer(seen[0])
+    want = Backend.linear_backward(be, gy, x, w, u, p, None, 0.7, True)
+    for g, wn in zip(got, want):
+        torch.testing.assert_close(g, wn, rtol=1e-5, atol=1e-6)

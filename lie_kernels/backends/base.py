@@ -26,9 +26,10 @@ layout (None unless asked for) and ``du``/``dp`` in ``u``'s/``p``'s dtypes.
 Nothing the size of W may be kept between the two calls, with one exception a
 backend opts into: ``keeps_output`` lets the op save W' itself for a small
 weight, for ``output_backward``, where rebuilding costs more than W' weighs.
-``linear_backward``
-is the seam for a Linear layer whose ``dL/dW'`` is ``grad_yᵀ @ x``: a backend
-may fuse that product with its backward so ``dL/dW'`` is never written.
+``linear_backward`` and ``conv_backward`` are the seams for a Lie layer whose
+``dL/dW'`` comes from its input and output gradient (Linear: ``grad_yᵀ @ x``): a
+backend may fuse that product with its backward so ``dL/dW'`` is never written, or
+form it where it likes (the torch backend: in a reused CPU buffer).
 """
 from __future__ import annotations
 
@@ -95,6 +96,20 @@ class Backend:
         ``(N, C_out)`` and ``x`` is ``(N, C_in)``. This default forms ``g``; a backend
         with a kernel that consumes ``grad_y`` and ``x`` directly overrides it."""
         return self.backward(grad_y.t().mm(x), weight, u, p, order, scale, need_dw)
+
+    def conv_backward(self, grad_y: Tensor, x: Tensor, weight: Tensor, u: Tensor,
+                      p: Tensor, order: Optional[int], scale: float, need_dw: bool,
+                      conv: Tuple[Sequence[int], Sequence[int], Sequence[int], int]
+                      ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+        """``backward`` with ``g = dL/dW'`` of ``y = conv(x, W')``: ``x`` and ``grad_y``
+        are batched, ``conv`` is ``(stride, padding, dilation, groups)`` as int lists.
+        This default forms ``g`` with ATen's convolution weight gradient, which reads
+        only W's shape, never W' itself."""
+        stride, padding, dilation, groups = conv
+        _, g, _ = torch.ops.aten.convolution_backward(
+            grad_y, x, weight, None, stride, padding, dilation, False,
+            [0] * (weight.dim() - 2), groups, [False, True, False])
+        return self.backward(g, weight, u, p, order, scale, need_dw)
 
     def forward_many(self, weights: Sequence[Tensor], us: Sequence[Tensor],
                      ps: Sequence[Tensor], order: Optional[int], scales: Sequence[float]

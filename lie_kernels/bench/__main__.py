@@ -46,6 +46,16 @@ def _orders(s):
     return orders
 
 
+def _positive_int(s):
+    try:
+        n = int(s)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
+    return n
+
+
 def _device_line(device: str) -> str:
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     try:
@@ -151,13 +161,15 @@ def _train_args(p):
                    metavar="LIST", help="comma list of " + ", ".join(
                        f"{k} ({v})" for k, v in train.METHOD_KEYS.items()) + " (default: all)")
     p.add_argument("--rank", type=int, default=16, help="rank of every method (default: 16)")
+    p.add_argument("--repeats", type=_positive_int, metavar="N",
+                   help="fresh processes per row, medians over them (default: 3; --quick: 1)")
 
 
 def _run_train(a, log):
     from . import train
     methods = a.methods and [train.METHOD_KEYS[k] for k in a.methods]
     train.run(a.device, log, models=a.models, methods=methods, rank=a.rank, quick=a.quick,
-              out=a.out)
+              out=a.out, repeats=a.repeats)
 
 
 # -- multi -------------------------------------------------------------------------------

@@ -10,11 +10,13 @@ Models come from their own libraries with random weights (nothing is downloaded)
 * ``llama-qv`` / ``llama-all``: transformers Llama from a small config (hidden 512,
   4 layers), adapting q_proj/v_proj (PEFT's MetaMathQA setting) or every linear layer.
 
-Every method gets the same rank and targets. Each (model, method) runs in a fresh
-process: median step time after a warm-up step, and peak memory above the process's
-memory right before the first step (CPU: peak RSS, reset through
-``/proc/self/clear_refs``; CUDA: ``max_memory_allocated``), which includes the AdamW
-state. Both are also given as ratios to PEFT LoRA. Output: table, CSV and PNG.
+Every method gets the same rank and targets. Each (model, method) runs in fresh
+processes (``repeats`` of them, all methods of a model in turn before the next round):
+median step time after a warm-up step, and peak memory above the process's memory
+right before the first step (CPU: peak RSS, reset through ``/proc/self/clear_refs``;
+CUDA: ``max_memory_allocated``), which includes the AdamW state. A row gives the
+medians over its processes and the range of its peaks; both medians are also given
+as ratios to PEFT LoRA. Output: table, CSV and PNG.
 """
 from __future__ import annotations
 
@@ -43,9 +45,11 @@ METHOD_KEYS = dict(zip(["lora", "hira", "hira-patched", "liera1", "liera4", "lie
                         "full"], METHODS))
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-#: (batch, image size, sequence length, timed steps): full run / --quick (CI)
-SETTINGS = {"full": dict(batch=8, size=96, seq=256, steps=6),
-            "quick": dict(batch=2, size=32, seq=32, steps=1)}
+#: (batch, image size, sequence length, timed steps, fresh processes per row): full run /
+#: --quick (CI). A row's peak RSS moves by up to ±10% from one process to the next (heap
+#: layout); the median over 3 processes, methods interleaved, steadies the ratios.
+SETTINGS = {"full": dict(batch=8, size=96, seq=256, steps=6, repeats=3),
+            "quick": dict(batch=2, size=32, seq=32, steps=1, repeats=1)}
 #: --quick is a smoke test of the command (3 fresh processes), not a measurement
 QUICK_MODELS = ["resnet18"]
 QUICK_METHODS = [REFERENCE, "PEFT HiRA + patch_hira", "LieRA order=exact"]
@@ -172,6 +176,18 @@ def measure_one(model_name: str, method: str, device: str, rank: int, batch: int
                 ms=statistics.median(times), peak_mib=peak)
 
 
+def _median_row(runs: List[Dict]) -> Dict:
+    """One row from a (model, method)'s processes: medians of step time and peak, the
+    peaks' range; the first error if any process failed."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    peaks = [r["peak_mib"] for r in runs]
+    return dict(runs[0], ms=statistics.median(r["ms"] for r in runs),
+                peak_mib=statistics.median(peaks), peak_min=min(peaks), peak_max=max(peaks),
+                runs=len(runs))
+
+
 def _fresh(model_name: str, method: str, device: str, rank: int, s: Dict) -> Dict:
     args = [sys.executable, "-m", "lie_kernels.bench.train", model_name, method, device,
             str(rank), *(str(s[k]) for k in ("batch", "size", "seq", "steps"))]
@@ -183,25 +199,31 @@ def _fresh(model_name: str, method: str, device: str, rank: int, s: Dict) -> Dic
 
 
 # -- the benchmark ------------------------------------------------------------------------
-COLUMNS = ["model", "method", "targets", "trainable", "ms", "peak_mib", "time_vs_lora",
-           "mem_vs_lora", "error"]
+COLUMNS = ["model", "method", "targets", "trainable", "ms", "peak_mib", "peak_min",
+           "peak_max", "runs", "time_vs_lora", "mem_vs_lora", "error"]
 
 
 def run(device: str, log=print, models: Optional[List[str]] = None,
         methods: Optional[List[str]] = None, rank: int = 16, quick: bool = False,
-        out: Optional[str] = None) -> List[Dict]:
-    s = SETTINGS["quick" if quick else "full"]
+        out: Optional[str] = None, repeats: Optional[int] = None) -> List[Dict]:
+    s = dict(SETTINGS["quick" if quick else "full"])
+    if repeats is not None:
+        s["repeats"] = repeats
     models = models or (QUICK_MODELS if quick else MODELS)
     methods = methods or (QUICK_METHODS if quick else METHODS)
     log(f"# training step, AdamW, rank {rank}, {device}; images: batch {s['batch']} at "
         f"{s['size']}x{s['size']}, Llama: batch {s['batch']} x {s['seq']} tokens; median of "
         f"{s['steps']} steps after 1 warm-up; peak = "
         + ("max_memory_allocated" if device == "cuda" else "peak RSS")
-        + " above the pre-step baseline; one fresh process per row")
+        + f" above the pre-step baseline; {s['repeats']} fresh process(es) per row, methods "
+        "interleaved: medians over them, peak range in brackets")
     rows = []
     for m in models:
-        for meth in methods:
-            rows.append(_fresh(m, meth, device, rank, s))
+        runs: Dict[str, List[Dict]] = {meth: [] for meth in methods}
+        for _ in range(s["repeats"]):
+            for meth in methods:
+                runs[meth].append(_fresh(m, meth, device, rank, s))
+        rows += [_median_row(runs[meth]) for meth in methods]
     for m in models:
         ref = next((r for r in rows if r["model"] == m and r["method"] == REFERENCE
                     and "error" not in r), None)
@@ -210,14 +232,15 @@ def run(device: str, log=print, models: Optional[List[str]] = None,
                 r["time_vs_lora"] = r["ms"] / ref["ms"]
                 r["mem_vs_lora"] = r["peak_mib"] / max(ref["peak_mib"], 1e-9)
     log(f"{'model':<13}{'method':<24}{'targets':>8}{'trainable':>11}{'step ms':>10}"
-        f"{'peak MiB':>10}{'time/LoRA':>11}{'mem/LoRA':>10}")
+        f"{'peak MiB':>10}{'[range]':>15}{'time/LoRA':>11}{'mem/LoRA':>10}")
     for r in rows:
         if "error" in r:
             log(f"{r['model']:<13}{r['method']:<24}  failed: {r['error']}")
             continue
         tl, ml = r.get("time_vs_lora"), r.get("mem_vs_lora")
+        span = f"[{r['peak_min']:.0f}-{r['peak_max']:.0f}]"
         log(f"{r['model']:<13}{r['method']:<24}{r['targets']:>8}{r['trainable']:>11}{r['ms']:>10.1f}"
-            f"{r['peak_mib']:>10.1f}{'-' if tl is None else f'{tl:.2f}':>11}"
+            f"{r['peak_mib']:>10.1f}{span:>15}{'-' if tl is None else f'{tl:.2f}':>11}"
             f"{'-' if ml is None else f'{ml:.2f}':>10}")
     if out:
         write_csv(rows, os.path.join(out, "train.csv"))
