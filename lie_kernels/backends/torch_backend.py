@@ -73,13 +73,14 @@ class _Arena(threading.local):
         self.slots: Dict[str, Tensor] = {}
 
     def take(self, slot: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
-        if torch._C._len_torch_dispatch_stack() or torch.jit.is_tracing():
-            # a dispatch mode (FakeTensorMode, shape/FLOP counters) would make the kept
-            # buffer a fake one, and a jit trace would bake it into its graph as a
-            # constant shared by every caller: a fresh tensor there, nothing kept
-            return torch.empty(shape, dtype=dtype, device="cpu")
         nbytes = math.prod(shape) * dtype.itemsize
         buf = self.slots.get(slot)
+        if torch.jit.is_tracing() or (torch._C._len_torch_dispatch_stack() and (
+                buf is None or buf.numel() < nbytes)):
+            # a jit trace would bake a kept buffer into its graph as a constant shared by
+            # every caller, and one made under a dispatch mode (FakeTensorMode: shape and
+            # FLOP estimators) could be a fake tensor: a fresh tensor there, nothing kept
+            return torch.empty(shape, dtype=dtype, device="cpu")
         if buf is None or buf.numel() < nbytes:
             # on the CPU whatever the default device; a normal tensor even when first
             # asked for under inference_mode: views of an inference tensor are inference
