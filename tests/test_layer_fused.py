@@ -540,3 +540,22 @@ def test_linear_weight_gradient_in_the_transient_buffer(monkeypatch):
     want = Backend.linear_backward(be, gy, x, w, u, p, None, 0.7, True)
     for g, wn in zip(got, want):
         torch.testing.assert_close(g, wn, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("base,xshape", [(lambda: nn.Conv2d(4, 16, 3, padding=1), (0, 4, 3, 3)),
+                                         (lambda: nn.Conv1d(4, 16, 3), (0, 4, 5)),
+                                         (lambda: nn.Linear(6, 5), (0, 6))])
+def test_empty_batch_gives_zero_gradients(fuse_all, base, xshape):
+    """A batch of 0 samples (the conv's dL/dW' takes the GEMM route: 0 positions) gives
+    an empty output and zero factor gradients, as the two-node path does."""
+    torch.manual_seed(0)
+    b = base()
+    layer = lk.nn.LAYER_TYPES[type(b)](b, rank=2, order=1)
+    with torch.no_grad():
+        for q in _params(layer):
+            q.normal_(0, 0.3)
+    x = torch.randn(xshape, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape[0] == 0
+    assert all(q.grad is not None and not q.grad.any() for q in _params(layer))

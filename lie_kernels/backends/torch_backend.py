@@ -125,7 +125,7 @@ def _conv_weight_grad_gemm(grad_y: Tensor, x: Tensor, weight: Tensor, stride, pa
         return _conv_weight_grad_gemm(grad_y.unsqueeze(2), x.unsqueeze(2),
                                       weight.unsqueeze(2), (1, *stride), (0, *padding),
                                       (1, *dilation))
-    rows, positions = grad_y.shape[1], grad_y[0, 0].numel()
+    rows, positions = grad_y.shape[1], math.prod(grad_y.shape[2:])
     if grad_y.shape[0] * positions > WGRAD_GEMM_POSITIONS * rows:
         return None
     cols = F.unfold(x, weight.shape[2:], dilation=dilation, padding=padding, stride=stride)
