@@ -37,7 +37,8 @@ from torch.nn import functional as F
 
 from . import ops
 from .backends import Backend
-from .ops import DOUBLE_BACKWARD, EXACT, FORWARD_AD, _backend, _no_double_backward, _order
+from .ops import (DOUBLE_BACKWARD, EXACT, FORWARD_AD, _backend, _no_double_backward, _order,
+                  without_autocast)
 
 #: Weights with fewer elements take the two-node path (W' saved by conv/linear).
 #: Rebuilding W' in backward costs one more backend forward per layer, a fixed few
@@ -64,7 +65,15 @@ def _forward(x, weight, bias, u, p, order, scale, be: Backend, conv):
 
 def _backward(grad_y, x, weight, u, p, order, scale, be: Backend, conv,
               need_x: bool, need_w: bool, need_b: bool, need_lie: bool):
-    """``(dx, dW, dbias, du, dp)``, None where not asked for; W' and dL/dW' live one at a time."""
+    """``(dx, dW, dbias, du, dp)``, None where not asked for; W' and dL/dW' live one at a
+    time. The layer ran in W's dtype (autocast takes the two-node path), so does this."""
+    with without_autocast(grad_y.device):
+        return _backward_math(grad_y, x, weight, u, p, order, scale, be, conv, need_x,
+                              need_w, need_b, need_lie)
+
+
+def _backward_math(grad_y, x, weight, u, p, order, scale, be: Backend, conv,
+                   need_x: bool, need_w: bool, need_b: bool, need_lie: bool):
     k = _order(order)
     gx = gb = gw = du = dp = None
     if conv is None:

@@ -196,7 +196,8 @@ def test_train_rows_are_medians_over_interleaved_processes(monkeypatch):
                     peak_mib=got[1])
     monkeypatch.setattr(train, "_fresh", fresh)
     methods = ["PEFT LoRA", "LieRA order=1", "LieRA order=4"]
-    rows = train.run("cpu", log=lambda *_: None, models=["m"], methods=methods, repeats=3)
+    rows = train.run("cpu", log=lambda *_: None, models=["m", "m"],
+                     methods=methods + ["PEFT LoRA"], repeats=3)  # a repeated name: one row
     assert calls == methods * 3
     lora, lie, failed = rows
     assert (lora["ms"], lora["peak_mib"], lora["peak_min"], lora["peak_max"],

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import lie_kernels as lk
-from lie_kernels import layer_ops
+from lie_kernels import layer_ops, ops
 from lie_kernels.backends import get_backend
 from lie_kernels.reference import lie_weight_lowrank_ref, lie_weight_ref
 
@@ -559,3 +559,76 @@ def test_empty_batch_gives_zero_gradients(fuse_all, base, xshape):
     y.sum().backward()
     assert y.shape[0] == 0
     assert all(q.grad is not None and not q.grad.any() for q in _params(layer))
+
+
+@pytest.mark.parametrize("make,xshape", [(lambda: nn.Linear(512, 256), (4, 512)),
+                                         (lambda: nn.Conv2d(64, 128, 3, padding=1),
+                                          (2, 64, 6, 6))])
+def test_backward_inside_autocast_keeps_fp32_factor_gradients(make, xshape):
+    """``backward()`` called inside an autocast region (forward outside) gives a one-node
+    layer the same low-rank factor gradients as outside it: the Lie math and its
+    dL/dW' stay fp32 (autocast would run their GEMMs in bf16, ~3e-3 relative error).
+    A two-node layer's dL/dW' is PyTorch's conv/linear backward, which autocast does
+    cast (as for any nn.Linear); the weight op's own math is checked below."""
+    torch.manual_seed(0)
+    base = make()
+    layer = lk.nn.LAYER_TYPES[type(base)](base, rank=4, order=2, parametrization="lowrank")
+    with torch.no_grad():
+        for q in _params(layer):
+            q.normal_(0, 0.2)
+    x = torch.randn(xshape)
+    grads = []
+    for autocast in (False, True):
+        layer.zero_grad()
+        y = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y.square().sum().backward()
+        grads.append([q.grad.clone() for q in _params(layer)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_traces_get_fresh_buffers_even_when_the_thread_has_some():
+    """With the thread's buffers already made by a real call: a strict FakeTensorMode
+    (every tensor fake) still runs the layer, and ``make_fx`` records no reused buffer
+    as a graph constant (only the layer's parameters)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from lie_kernels.backends import torch_backend
+    torch.manual_seed(0)
+    layer = lk.nn.LieLinear(nn.Linear(256, 256), rank=2, order=None)
+    with torch.no_grad():
+        layer.lie_a.normal_(0, 0.3), layer.lie_b.normal_(0, 0.3)
+    x = torch.randn(3, 256)
+
+    def fresh_thread():
+        layer(x)  # the thread's buffers now exist
+        mode = FakeTensorMode()
+        params = {n: mode.from_tensor(t) for n, t in [*layer.named_parameters(),
+                                                      *layer.named_buffers()]}
+        fx = mode.from_tensor(x)
+        with mode:
+            y = torch.func.functional_call(layer, params, (fx,))
+        assert y.shape == (3, 256)
+        gm = make_fx(lambda inp: layer(inp))(x)
+        buffers = {b.data_ptr() for b in torch_backend._ARENA.slots.values()}
+        consts = [getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+        assert consts and not any(c.data_ptr() in buffers for c in consts)
+        torch.testing.assert_close(gm(x + 1), layer(x + 1), rtol=0, atol=0)
+    _in_fresh_thread(fresh_thread)
+
+
+@pytest.mark.parametrize("order", [2, None])
+def test_weight_op_backward_inside_autocast_stays_fp32(order):
+    """The weight op's backward (saved W or, for a small exact W, saved W') under an
+    autocast region gives the same du, dp as outside it."""
+    w, u, p = _wup(40, 50)
+    u.requires_grad_(True), p.requires_grad_(True)
+    g = torch.randn_like(w)
+    grads = []
+    for autocast in (False, True):
+        out = ops.apply(w, u, p, order, 0.7, "torch")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            grads.append(torch.autograd.grad(out, [u, p], g))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

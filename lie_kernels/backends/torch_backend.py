@@ -75,11 +75,12 @@ class _Arena(threading.local):
     def take(self, slot: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
         buf = self.slots.get(slot)
-        if torch.jit.is_tracing() or (torch._C._len_torch_dispatch_stack() and (
+        if _tracing() or (torch._C._len_torch_dispatch_stack() and (
                 buf is None or buf.numel() < nbytes)):
-            # a jit trace would bake a kept buffer into its graph as a constant shared by
-            # every caller, and one made under a dispatch mode (FakeTensorMode: shape and
-            # FLOP estimators) could be a fake tensor: a fresh tensor there, nothing kept
+            # a trace would bake a kept buffer into its graph as a constant shared by
+            # every caller (and a fake mode refuses a real one), and a buffer made under
+            # any other dispatch mode could be a tensor of that mode: a fresh tensor
+            # there, nothing kept (modes that only watch, e.g. counters, see reuse)
             return torch.empty(shape, dtype=dtype, device="cpu")
         if buf is None or buf.numel() < nbytes:
             # on the CPU whatever the default device; a normal tensor even when first
@@ -92,6 +93,16 @@ class _Arena(threading.local):
 
 
 _ARENA = _Arena()
+
+_TRACING_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, k)
+                       for k in ("FAKE", "PROXY", "FUNCTIONAL"))
+
+
+def _tracing() -> bool:
+    """Whether a trace (``torch.jit.trace``, ``make_fx``, fake or functional tensors)
+    is recording this call rather than running it."""
+    return torch.jit.is_tracing() or any(
+        torch._C._get_dispatch_mode(k) is not None for k in _TRACING_MODES)
 
 
 def release_buffers() -> None:

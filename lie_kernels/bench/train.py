@@ -209,8 +209,9 @@ def run(device: str, log=print, models: Optional[List[str]] = None,
     s = dict(SETTINGS["quick" if quick else "full"])
     if repeats is not None:
         s["repeats"] = repeats
-    models = models or (QUICK_MODELS if quick else MODELS)
-    methods = methods or (QUICK_METHODS if quick else METHODS)
+    # a name given twice is one row (its processes would otherwise be pooled twice)
+    models = list(dict.fromkeys(models or (QUICK_MODELS if quick else MODELS)))
+    methods = list(dict.fromkeys(methods or (QUICK_METHODS if quick else METHODS)))
     log(f"# training step, AdamW, rank {rank}, {device}; images: batch {s['batch']} at "
         f"{s['size']}x{s['size']}, Llama: batch {s['batch']} x {s['seq']} tokens; median of "
         f"{s['steps']} steps after 1 warm-up; peak = "
