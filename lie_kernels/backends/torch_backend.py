@@ -19,7 +19,6 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-
 from torch.nn import functional as F
 
 from ..series import compute_dtype, exp_series_, expm1_series_
@@ -75,14 +74,15 @@ class _Arena(threading.local):
     def take(self, slot: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
         buf = self.slots.get(slot)
-        if _tracing() or (torch._C._len_torch_dispatch_stack() and (
-                buf is None or buf.numel() < nbytes)):
+        fits = buf is not None and buf.numel() >= nbytes
+        if torch.jit.is_tracing() or (torch._C._len_torch_dispatch_stack() and (
+                not fits or _tracing_mode())):
             # a trace would bake a kept buffer into its graph as a constant shared by
             # every caller (and a fake mode refuses a real one), and a buffer made under
             # any other dispatch mode could be a tensor of that mode: a fresh tensor
             # there, nothing kept (modes that only watch, e.g. counters, see reuse)
             return torch.empty(shape, dtype=dtype, device="cpu")
-        if buf is None or buf.numel() < nbytes:
+        if not fits:
             # on the CPU whatever the default device; a normal tensor even when first
             # asked for under inference_mode: views of an inference tensor are inference
             # tensors, which autograd refuses to save
@@ -98,11 +98,10 @@ _TRACING_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, k)
                        for k in ("FAKE", "PROXY", "FUNCTIONAL"))
 
 
-def _tracing() -> bool:
-    """Whether a trace (``torch.jit.trace``, ``make_fx``, fake or functional tensors)
-    is recording this call rather than running it."""
-    return torch.jit.is_tracing() or any(
-        torch._C._get_dispatch_mode(k) is not None for k in _TRACING_MODES)
+def _tracing_mode() -> bool:
+    """Whether a dispatch mode that records rather than runs is active (``make_fx``,
+    fake or functional tensors); ``torch.jit.trace`` is asked separately."""
+    return any(torch._C._get_dispatch_mode(k) is not None for k in _TRACING_MODES)
 
 
 def release_buffers() -> None:
@@ -122,20 +121,25 @@ def _buffer(slot: str, shape: Sequence[int], dtype: torch.dtype, device: torch.d
 def _transient(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
     """An uninitialised W-sized tensor used once: on CPU, up to ``TRANSIENT_MAX_BYTES``,
     the thread's reused "out" buffer (overwritten by the next one); else a fresh one."""
-    if device.type != "cpu" or math.prod(shape) * dtype.itemsize > TRANSIENT_MAX_BYTES:
+    if math.prod(shape) * dtype.itemsize > TRANSIENT_MAX_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
-    return _ARENA.take("out", shape, dtype)
+    return _buffer("out", shape, dtype, device)
 
 
 def _conv_weight_grad_gemm(grad_y: Tensor, x: Tensor, weight: Tensor, stride, padding,
                            dilation) -> Optional[Tensor]:
-    """dL/dW' of a CPU conv (groups 1, 1-D or 2-D, fp32/fp64) as one GEMM into the
-    transient buffer, ``g[o, (c,k)] = Σ_(n,l) grad_y[n, o, l] · im2col(x)[n, (c,k), l]``;
-    None where ``WGRAD_GEMM_POSITIONS`` says ATen's weight gradient is the better bet."""
+    """dL/dW' of a CPU conv (groups 1, 1-D or 2-D, fp32/fp64, contiguous W) as one GEMM
+    into the transient buffer, ``g[o, (c,k)] = Σ_(n,l) grad_y[n, o, l] · im2col(x)[n, (c,k), l]``,
+    in W's shape; None for other convs, and where ``WGRAD_GEMM_POSITIONS`` says ATen's
+    weight gradient is the better bet."""
+    if not (weight.device.type == "cpu" and weight.dim() in (3, 4) and weight.is_contiguous()
+            and weight.dtype in (torch.float32, torch.float64)
+            and x.dtype == grad_y.dtype == weight.dtype):
+        return None
     if weight.dim() == 3:  # a 1-D conv is a 2-D one of height 1
-        return _conv_weight_grad_gemm(grad_y.unsqueeze(2), x.unsqueeze(2),
-                                      weight.unsqueeze(2), (1, *stride), (0, *padding),
-                                      (1, *dilation))
+        g = _conv_weight_grad_gemm(grad_y.unsqueeze(2), x.unsqueeze(2), weight.unsqueeze(2),
+                                   (1, *stride), (0, *padding), (1, *dilation))
+        return None if g is None else g.view(weight.shape)
     rows, positions = grad_y.shape[1], math.prod(grad_y.shape[2:])
     if grad_y.shape[0] * positions > WGRAD_GEMM_POSITIONS * rows:
         return None
@@ -144,7 +148,7 @@ def _conv_weight_grad_gemm(grad_y: Tensor, x: Tensor, weight: Tensor, stride, pa
     g = _transient((rows, ck), weight.dtype, weight.device)
     torch.mm(grad_y.reshape(n, rows, positions).transpose(0, 1).reshape(rows, n * positions),
              cols.transpose(1, 2).reshape(n * positions, ck), out=g)
-    return g
+    return g.view(weight.shape)
 
 
 def _blocks(rows: int, cols: int):
@@ -210,8 +214,6 @@ class TorchBackend(Backend):
                         p: Tensor, order: Optional[int], scale: float, need_dw: bool
                         ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
         """dL/dW' = grad_yᵀ x in the transient buffer (on CPU: no fresh W-sized tensor)."""
-        if grad_y.dtype != x.dtype:
-            return super().linear_backward(grad_y, x, weight, u, p, order, scale, need_dw)
         g = torch.mm(grad_y.t(), x, out=_transient(weight.shape, x.dtype, weight.device))
         return self.backward(g, weight, u, p, order, scale, need_dw)
 
@@ -221,14 +223,11 @@ class TorchBackend(Backend):
         """On CPU, dL/dW' as one GEMM in the transient buffer where that is cheaper
         (``WGRAD_GEMM_POSITIONS``); otherwise the default."""
         stride, padding, dilation, groups = conv
-        g = None
-        if (weight.device.type == "cpu" and groups == 1 and weight.dim() in (3, 4)
-                and weight.is_contiguous() and weight.dtype in (torch.float32, torch.float64)
-                and x.dtype == grad_y.dtype == weight.dtype):
-            g = _conv_weight_grad_gemm(grad_y, x, weight, stride, padding, dilation)
+        g = None if groups != 1 else _conv_weight_grad_gemm(grad_y, x, weight, stride,
+                                                            padding, dilation)
         if g is None:
             return super().conv_backward(grad_y, x, weight, u, p, order, scale, need_dw, conv)
-        return self.backward(g.view(weight.shape), weight, u, p, order, scale, need_dw)
+        return self.backward(g, weight, u, p, order, scale, need_dw)
 
     def _build(self, weight: Tensor, u: Tensor, p: Tensor, order: Optional[int],
                scale: float, result: Tensor) -> Tensor:
