@@ -19,6 +19,11 @@ written (the Triton backend does for a 16-bit Linear W: ``lie_linear_bwd_kernel`
 the GEMM with the Lie backward as its epilogue) or form G where it likes (the
 torch backend: on CPU in the buffer W' used, dead by then); the default forms G.
 
+A backend may ask (``conv_slice_rows``) for a conv layer to run a slice of output
+channels at a time: W' is then built, convolved and dropped one row slice at a time in
+forward and for dx, so only a slice of it is ever alive (the torch backend does on CPU for
+a large W on small feature maps, where a slice costs the conv little).
+
 Recomputing W' costs one more fused forward per layer; for layers below
 ``FUSE_MIN_NUMEL`` weight elements that is not worth the few KiB it saves, and
 ``lie_layer`` chains the weight op with the plain conv/linear instead.
@@ -37,6 +42,7 @@ from torch.nn import functional as F
 
 from . import ops
 from .backends import Backend
+from .backends.base import row_slice, row_slices
 from .ops import (DOUBLE_BACKWARD, EXACT, FORWARD_AD, _backend, _no_double_backward, _order,
                   without_autocast)
 
@@ -55,12 +61,27 @@ def _conv(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, dilatio
                                       [0] * nd, groups)
 
 
+def _slices(x, weight, be: Backend, conv) -> List[Tuple[int, int]]:
+    """Row ranges ``(r0, n)`` of W' the conv layer runs one at a time (``conv_slice_rows``);
+    one range, all rows, for most layers."""
+    return row_slices(weight.shape[0], be.conv_slice_rows(x, weight, conv))
+
+
 def _forward(x, weight, bias, u, p, order, scale, be: Backend, conv):
     """``y``; ``conv`` is ``(stride, padding, dilation, groups)`` or None for Linear."""
-    w1 = be.forward_transient(weight, u, p, _order(order), scale)
+    k = _order(order)
     if conv is None:
-        return F.linear(x, w1, bias)
-    return _conv(x, w1, bias, *conv)
+        return F.linear(x, be.forward_transient(weight, u, p, k, scale), bias)
+    y = None
+    for r0, n in _slices(x, weight, be, conv):
+        w1 = be.forward_transient(row_slice(weight, r0, n), row_slice(u, r0, n), p, k, scale)
+        part = _conv(x, w1, row_slice(bias, r0, n), *conv)
+        if n == weight.shape[0]:
+            return part
+        if y is None:
+            y = part.new_empty((part.shape[0], weight.shape[0], *part.shape[2:]))
+        y.narrow(1, r0, n).copy_(part)
+    return y
 
 
 def _backward(grad_y, x, weight, u, p, order, scale, be: Backend, conv,
@@ -89,13 +110,15 @@ def _backward_math(grad_y, x, weight, u, p, order, scale, be: Backend, conv,
         return gx, gw, gb, du, dp
     stride, padding, dilation, groups = conv
     args = (stride, padding, dilation, False, [0] * (weight.dim() - 2), groups)
-    bias_sizes = [weight.shape[0]] if need_b else None
-    if need_x or need_b:
-        # the weight's values matter for dx only: for dbias alone W stands in for W'
-        w1 = be.forward_transient(weight, u, p, k, scale) if need_x else weight
-        gx, _, gb = torch.ops.aten.convolution_backward(
-            grad_y, x, w1, bias_sizes, *args, [need_x, False, need_b])
-        del w1
+    if need_x:
+        for r0, n in _slices(x, weight, be, conv):
+            w1 = be.forward_transient(row_slice(weight, r0, n), row_slice(u, r0, n), p, k, scale)
+            part = torch.ops.aten.convolution_backward(
+                grad_y.narrow(1, r0, n), x, w1, None, *args, [True, False, False])[0]
+            del w1
+            gx = part if gx is None else gx.add_(part)
+    if need_b:
+        gb = grad_y.sum([0, *range(2, grad_y.dim())])
     if need_w or need_lie:
         gw, du, dp = be.conv_backward(grad_y, x, weight, u, p, k, scale, need_w, conv)
     return gx, gw, gb, du, dp

@@ -36,13 +36,16 @@ def fuse_all(monkeypatch):
     monkeypatch.setattr(layer_ops, "FUSE_MIN_NUMEL", 0)
 
 
-@pytest.fixture(params=["aten", "gemm"])
+@pytest.fixture(params=["aten", "gemm", "sliced"])
 def wgrad_route(request, monkeypatch):
-    """The torch backend forms a conv's dL/dW' with ATen, or as one GEMM wherever it can
-    (groups 1, 1-D/2-D): the documented switch pushed to either end."""
+    """The torch backend forms a conv's dL/dW' with ATen, or as GEMMs wherever it can
+    (groups 1, 1-D/2-D): the documented switch pushed to either end; "sliced" also
+    shrinks the blocks to 40 elements, so those convs run a few output channels at a time."""
     from lie_kernels.backends import torch_backend
     monkeypatch.setattr(torch_backend, "WGRAD_GEMM_POSITIONS",
                         0.0 if request.param == "aten" else float("inf"))
+    if request.param == "sliced":
+        monkeypatch.setattr(torch_backend, "CHUNK_ELEMS", 40)
     return request.param
 
 
@@ -353,7 +356,9 @@ def test_same_shape_layers_share_the_transient_buffer_correctly(fuse_all, wgrad_
         return [y, *torch.autograd.grad(y, [x, *params], torch.linspace(-1, 1, y.numel())
                                         .view(y.shape))]
     got = run(lambda layer, inp: layer(inp))
-    assert len(built) == 4 and len({t.data_ptr() for t in built}) == 1  # fwd + bwd, 2 layers
+    slices = 4 if wgrad_route == "sliced" else 1  # 27 elements a row, 40 a block
+    assert len(built) == 4 * slices  # fwd + bwd, 2 layers
+    assert len({t.data_ptr() for t in built}) == 1
     want = run(lambda layer, inp: _two_node(layer)(inp))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
@@ -526,6 +531,66 @@ def test_conv_weight_gradient_gemm_at_the_documented_switch(monkeypatch, dtype, 
     for g, wn, r in zip(got, want, ref):
         torch.testing.assert_close(g, wn, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
+
+
+def test_slices_at_the_documented_sizes():
+    """A CPU conv on the GEMM route runs ``CHUNK_ELEMS`` elements of W' at a time:
+    ResNet-18's 512x512x3x3 on 3x3 px at batch 8 in slices of 113 rows (of 4608
+    elements, 2 MiB in fp32); on 6x6 px (N·L = 288 > C_out/4) in one piece, as are
+    other devices' dtypes, groups > 1 and 3-D convs."""
+    from lie_kernels.backends import torch_backend
+    assert torch_backend.CHUNK_ELEMS == 1 << 19
+    be = get_backend("torch")
+    w = torch.empty(512, 512, 3, 3)
+    same = ([1, 1], [1, 1], [1, 1], 1)
+    assert be.conv_slice_rows(torch.empty(8, 512, 3, 3), w, same) == 113
+    assert be.conv_slice_rows(torch.empty(8, 512, 6, 6), w, same) == 512
+    assert be.conv_slice_rows(torch.empty(8, 512, 3, 3, dtype=torch.float16),
+                              w.half(), same) == 512
+    assert be.conv_slice_rows(torch.empty(8, 512, 3, 3), w[:, :256],
+                              ([1, 1], [1, 1], [1, 1], 2)) == 512
+    assert be.conv_slice_rows(torch.empty(1, 64, 2, 2, 2), torch.empty(512, 64, 3, 3, 3),
+                              ([1] * 3, [1] * 3, [1] * 3, 1)) == 512
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+@pytest.mark.parametrize("order", [1, 3, None])
+@pytest.mark.parametrize("train_w", [False, True])
+def test_conv_layer_in_slices_matches_one_piece_and_fp64(fuse_all, monkeypatch, nd, order,
+                                                          train_w):
+    """With blocks of 20 rows (C_out = 130 on 3x3 px: 7 balanced slices of 18-19 rows),
+    the layer builds W' and dL/dW' one slice at a time in the reused buffer, which never
+    holds more than a slice; y, dx and every gradient (W's too when it trains, bias)
+    match the layer run in one piece and the float64 reference. Non-contiguous x."""
+    from lie_kernels.backends import torch_backend
+    be = get_backend("torch")
+    row = 12 * 3 ** nd
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMS", 20 * row)
+    torch.manual_seed(5)
+    base = (nn.Conv1d if nd == 1 else nn.Conv2d)(12, 130, 3, stride=2, padding=1)
+    layer = lk.nn.LAYER_TYPES[type(base)](base, rank=3, order=order, scale=0.7,
+                                          parametrization="lowrank")
+    with torch.no_grad():
+        for q in _params(layer):
+            q.normal_(0, 0.3)
+    base.weight.requires_grad_(train_w)
+    base.bias.requires_grad_(True)
+    size = (5,) * nd  # 3 outputs a dim: N·L = 2·3^nd <= 130/4
+    x = torch.randn(2, 24, *size, dtype=torch.float32)[:, ::2].requires_grad_(True)
+    built, real = [], be.forward_transient
+    monkeypatch.setattr(be, "forward_transient",
+                        lambda *a: (built.append(a[0].shape[0]), real(*a))[1])
+    torch_backend.release_buffers()
+    got = _grads(layer, layer, x)
+    assert built == [18, 19, 18, 19, 18, 19, 19] * 2  # forward, then for dx
+    assert torch_backend._ARENA.slots["out"].numel() <= 19 * row * 4  # bytes: one slice
+    monkeypatch.setattr(type(be), "conv_slice_rows", lambda self, x, w, conv: w.shape[0])
+    want = _grads(layer, layer, x)
+    assert built[14:] == [130, 130]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    for g, r in zip(got, _grads(_ref64(layer), layer, x)):
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-5, atol=1e-5)
 
 
 def test_linear_weight_gradient_in_the_transient_buffer(monkeypatch):

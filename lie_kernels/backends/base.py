@@ -30,6 +30,8 @@ weight, for ``output_backward``, where rebuilding costs more than W' weighs.
 ``dL/dW'`` comes from its input and output gradient (Linear: ``grad_yᵀ @ x``): a
 backend may fuse that product with its backward so ``dL/dW'`` is never written, or
 form it where it likes (the torch backend: in a reused CPU buffer).
+``conv_slice_rows`` lets a backend run a Lie conv layer a few output channels at a time,
+so that only a slice of W' (and of dL/dW') is alive at once.
 """
 from __future__ import annotations
 
@@ -111,6 +113,13 @@ class Backend:
             [0] * (weight.dim() - 2), groups, [False, True, False])
         return self.backward(g, weight, u, p, order, scale, need_dw)
 
+    def conv_slice_rows(self, x: Tensor, weight: Tensor,
+                        conv: Tuple[Sequence[int], Sequence[int], Sequence[int], int]) -> int:
+        """How many output channels of a Lie conv layer (rows of W') to build and use at a
+        time. A layer runs its conv and its input gradient once per slice of that many
+        rows, so only one slice of W' is alive at a time. Default: all of them (one slice)."""
+        return weight.shape[0]
+
     def forward_many(self, weights: Sequence[Tensor], us: Sequence[Tensor],
                      ps: Sequence[Tensor], order: Optional[int], scales: Sequence[float]
                      ) -> List[Tensor]:
@@ -125,6 +134,20 @@ def unfold(t: Tensor) -> Tensor:
         return t.view(rows, -1)
     except RuntimeError:
         return t.reshape(rows, -1)
+
+
+def row_slice(t: Optional[Tensor], r0: int, n: int) -> Optional[Tensor]:
+    """Rows ``r0:r0+n`` of ``t``; ``t`` itself when that is all of it (a small weight is
+    one block, and there the ~8 slices per call were a third of the time, ~3 µs each);
+    None stays None."""
+    return t if t is None or (r0 == 0 and n == t.shape[0]) else t.narrow(0, r0, n)
+
+
+def row_slices(rows: int, step: int) -> List[Tuple[int, int]]:
+    """``(r0, n)`` ranges covering ``rows`` rows, at most ``step`` each, sizes balanced."""
+    count = max(1, -(-rows // max(1, step)))
+    bounds = [rows * i // count for i in range(count + 1)]
+    return [(a, b - a) for a, b in zip(bounds, bounds[1:])]
 
 
 def memory_order(t: Tensor) -> Tuple[int, ...]:

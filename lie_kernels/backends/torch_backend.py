@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ..series import compute_dtype, exp_series_, expm1_series_
-from .base import Backend, order_zero_backward, unfold
+from .base import Backend, order_zero_backward, row_slice, row_slices, unfold
 
 #: elements per row block (2 MiB of fp32 per buffer). Measured on 2 cores for
 #: 512x512x3x3, order 4, fwd+bwd: 2^15 -> 14 ms, 2^17 -> 7.7-8.9 ms, 2^19 -> 7.7 ms;
@@ -63,9 +63,8 @@ class _Arena(threading.local):
     into a reused buffer; one ResNet-18 LieRA training step (order 1), 207-232 ms
     -> 181-190 ms.
     Buffers are uninitialised and never shrink; a slot serves one tensor at a time:
-    the block slots within one backend call; "out", a W-sized transient (``_transient``),
-    until the thread's next ``forward_transient``, ``linear_backward`` or
-    ``conv_backward``.
+    the block slots within one backend call; "out", a W-sized transient (``_transient``;
+    on the sliced conv route, a slice of W' or dL/dW'), until the thread's next one.
     """
 
     def __init__(self):
@@ -126,41 +125,37 @@ def _transient(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -
     return _buffer("out", shape, dtype, device)
 
 
-def _conv_weight_grad_gemm(grad_y: Tensor, x: Tensor, weight: Tensor, stride, padding,
-                           dilation) -> Optional[Tensor]:
-    """dL/dW' of a CPU conv (groups 1, 1-D or 2-D, fp32/fp64, contiguous W) as one GEMM
-    into the transient buffer, ``g[o, (c,k)] = Σ_(n,l) grad_y[n, o, l] · im2col(x)[n, (c,k), l]``,
-    in W's shape; None for other convs, and where ``WGRAD_GEMM_POSITIONS`` says ATen's
-    weight gradient is the better bet."""
-    if not (weight.device.type == "cpu" and weight.dim() in (3, 4) and weight.is_contiguous()
-            and weight.dtype in (torch.float32, torch.float64)
-            and x.dtype == grad_y.dtype == weight.dtype):
-        return None
+def _output_positions(x: Tensor, weight: Tensor, conv) -> int:
+    """N·L: the conv's output positions over the batch (L per sample)."""
+    stride, padding, dilation, _ = conv
+    n = x.shape[0]
+    for size, k, s, pd, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation):
+        n *= max(0, (size + 2 * pd - d * (k - 1) - 1) // s + 1)
+    return n
+
+
+def _gemm_route(x: Tensor, weight: Tensor, conv) -> bool:
+    """Whether a CPU conv's dL/dW' is formed as GEMMs over im2col(x): groups 1, 1-D or
+    2-D, fp32/fp64, contiguous W, at most ``WGRAD_GEMM_POSITIONS``·C_out output positions
+    (there im2col(x) holds at most that fraction of W's elements)."""
+    return (weight.device.type == "cpu" and conv[3] == 1 and weight.dim() in (3, 4)
+            and weight.is_contiguous() and weight.dtype in (torch.float32, torch.float64)
+            and x.dtype == weight.dtype
+            and _output_positions(x, weight, conv) <= WGRAD_GEMM_POSITIONS * weight.shape[0])
+
+
+def _gemm_operands(grad_y: Tensor, x: Tensor, weight: Tensor, conv) -> Tuple[Tensor, Tensor]:
+    """``(grad_y as (C_out, N·L), im2col(x) as (N·L, C_in·k))``: dL/dW' of rows ``a:b``
+    is ``gy[a:b] @ cols``, ``g[o, (c,k)] = Σ_(n,l) grad_y[n, o, l] · im2col(x)[n, (c,k), l]``."""
+    stride, padding, dilation, _ = conv
     if weight.dim() == 3:  # a 1-D conv is a 2-D one of height 1
-        g = _conv_weight_grad_gemm(grad_y.unsqueeze(2), x.unsqueeze(2), weight.unsqueeze(2),
-                                   (1, *stride), (0, *padding), (1, *dilation))
-        return None if g is None else g.view(weight.shape)
-    rows, positions = grad_y.shape[1], math.prod(grad_y.shape[2:])
-    if grad_y.shape[0] * positions > WGRAD_GEMM_POSITIONS * rows:
-        return None
+        grad_y, x, weight = grad_y.unsqueeze(2), x.unsqueeze(2), weight.unsqueeze(2)
+        stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
     cols = F.unfold(x, weight.shape[2:], dilation=dilation, padding=padding, stride=stride)
-    n, ck, _ = cols.shape
-    g = _transient((rows, ck), weight.dtype, weight.device)
-    torch.mm(grad_y.reshape(n, rows, positions).transpose(0, 1).reshape(rows, n * positions),
-             cols.transpose(1, 2).reshape(n * positions, ck), out=g)
-    return g.view(weight.shape)
-
-
-def _blocks(rows: int, cols: int):
-    step = max(1, CHUNK_ELEMS // cols)
-    for r0 in range(0, rows, step):
-        yield r0, min(rows, r0 + step)
-
-
-def _part(t: Tensor, r0: int, n: int) -> Tensor:
-    """Rows ``r0:r0+n`` of ``t``; ``t`` itself when that is all of it. A small weight is
-    one block, and there the ~8 slices per call were a third of the time (each ~3 us)."""
-    return t if r0 == 0 and n == t.shape[0] else t.narrow(0, r0, n)
+    n, ck, positions = cols.shape
+    rows = weight.shape[0]
+    return (grad_y.reshape(n, rows, positions).transpose(0, 1).reshape(rows, n * positions),
+            cols.transpose(1, 2).reshape(n * positions, ck))
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -217,17 +212,38 @@ class TorchBackend(Backend):
         g = torch.mm(grad_y.t(), x, out=_transient(weight.shape, x.dtype, weight.device))
         return self.backward(g, weight, u, p, order, scale, need_dw)
 
+    def conv_slice_rows(self, x: Tensor, weight: Tensor, conv) -> int:
+        """On the GEMM route (``_gemm_route``: a big W on small feature maps), slices of
+        ``CHUNK_ELEMS`` elements: a slice of W' or dL/dW' is all the reused buffer holds.
+        Measured on 2 cores, fp32, 512x512x3x3 on 3x3 px at batch 8: conv 1.74 ms whole,
+        1.98 ms in 4 slices; dx 1.58 vs 1.91 ms; ResNet-18's buffer 9.4 -> 2.3 MiB."""
+        if not _gemm_route(x, weight, conv):
+            return weight.shape[0]
+        return max(1, CHUNK_ELEMS // max(1, math.prod(weight.shape[1:])))
+
     def conv_backward(self, grad_y: Tensor, x: Tensor, weight: Tensor, u: Tensor,
                       p: Tensor, order: Optional[int], scale: float, need_dw: bool,
                       conv) -> Tuple[Optional[Tensor], Tensor, Tensor]:
-        """On CPU, dL/dW' as one GEMM in the transient buffer where that is cheaper
-        (``WGRAD_GEMM_POSITIONS``); otherwise the default."""
-        stride, padding, dilation, groups = conv
-        g = None if groups != 1 else _conv_weight_grad_gemm(grad_y, x, weight, stride,
-                                                            padding, dilation)
-        if g is None:
+        """On the GEMM route (``_gemm_route``), dL/dW' as GEMMs over im2col(x), one
+        ``conv_slice_rows`` slice at a time into the transient buffer, each followed by its
+        rows' backward; otherwise the default (ATen's weight gradient)."""
+        if not (_gemm_route(x, weight, conv) and grad_y.dtype == weight.dtype):
             return super().conv_backward(grad_y, x, weight, u, p, order, scale, need_dw, conv)
-        return self.backward(g, weight, u, p, order, scale, need_dw)
+        gy, cols = _gemm_operands(grad_y, x, weight, conv)
+        parts = []
+        for r0, n in row_slices(weight.shape[0], self.conv_slice_rows(x, weight, conv)):
+            g = torch.mm(row_slice(gy, r0, n), cols,
+                         out=_transient((n, cols.shape[1]), weight.dtype, weight.device))
+            w = row_slice(weight, r0, n)
+            parts.append(self.backward(g.view(w.shape), w, row_slice(u, r0, n), p, order,
+                                       scale, need_dw))
+        if len(parts) == 1:
+            return parts[0]
+        dws, dus, dps = zip(*parts)
+        dp = dps[0]
+        for d in dps[1:]:
+            dp.add_(d)
+        return torch.cat(dws) if need_dw else None, torch.cat(dus), dp
 
     def _build(self, weight: Tensor, u: Tensor, p: Tensor, order: Optional[int],
                scale: float, result: Tensor) -> Tensor:
@@ -248,10 +264,9 @@ class TorchBackend(Backend):
         step = min(rows, max(1, CHUNK_ELEMS // cols))
         xbuf = None if in_out else _buffer("x", (step, cols), cd, weight.device)
         hbuf = _buffer("h", (step, cols), cd, weight.device) if order not in (None, 1) else None
-        for r0, r1 in _blocks(rows, cols):
-            n = r1 - r0
-            w, o = _part(w2, r0, n), _part(out, r0, n)
-            x = (o if in_out else _part(xbuf, 0, n)).addmm_(_part(uc, r0, n), pc, beta=0,
+        for r0, n in row_slices(rows, step):
+            w, o = row_slice(w2, r0, n), row_slice(out, r0, n)
+            x = (o if in_out else row_slice(xbuf, 0, n)).addmm_(row_slice(uc, r0, n), pc, beta=0,
                                                             alpha=alpha)
             if in_out:
                 x.exp_().mul_(w)
@@ -259,7 +274,7 @@ class TorchBackend(Backend):
             if exact:
                 torch.mul(w, x.exp_(), out=o)
                 continue
-            e, c = expm1_series_(x, order, None if hbuf is None else _part(hbuf, 0, n), scale)
+            e, c = expm1_series_(x, order, None if hbuf is None else row_slice(hbuf, 0, n), scale)
             # W + W·expm1(s·x), computed in the promoted (fp32/fp64) dtype, cast on store.
             torch.addcmul(w, w, e, value=c, out=o)
             if torch.isnan(o.sum()):  # one in-cache pass; a bool reduction costs 100x more
@@ -288,22 +303,21 @@ class TorchBackend(Backend):
         xbuf = _buffer("x", (step, cols), cd, weight.device) if need_x else None
         # exact exp: t is formed in x's buffer (exp in place), no second buffer
         tbuf = None if exact else _buffer("h", (step, cols), cd, weight.device)
-        for r0, r1 in _blocks(rows, cols):
-            n = r1 - r0
-            w, g, ub = _part(w2, r0, n), _part(g2, r0, n), _part(uc, r0, n)
+        for r0, n in row_slices(rows, step):
+            w, g, ub = row_slice(w2, r0, n), row_slice(g2, r0, n), row_slice(uc, r0, n)
             if need_x:
-                x = _part(xbuf, 0, n).addmm_(ub, pc, beta=0, alpha=alpha)
+                x = row_slice(xbuf, 0, n).addmm_(ub, pc, beta=0, alpha=alpha)
             # t = g ⊙ W ⊙ exp_{K-1}(s·x) = dL/d(s·x) (exact exp: g ⊙ W ⊙ exp(s·x));
             # dW = g ⊙ exp_K(s·x)
             if exact:
                 e = x.exp_()
                 if need_dw:
-                    torch.mul(g, e, out=_part(dw2, r0, n))
+                    torch.mul(g, e, out=row_slice(dw2, r0, n))
                 t = e.mul_(g).mul_(w)
             else:
-                t = _part(tbuf, 0, n)
+                t = row_slice(tbuf, 0, n)
                 if need_dw:
-                    torch.mul(g, exp_series_(x, order, t, xs), out=_part(dw2, r0, n))
+                    torch.mul(g, exp_series_(x, order, t, xs), out=row_slice(dw2, r0, n))
                 if order == 1 and w.dtype == cd:
                     torch.mul(g, w, out=t)
                 elif order == 1:  # 16-bit: torch.mul(g, w, out=t) would round g·W to 16 bits
@@ -311,7 +325,7 @@ class TorchBackend(Backend):
                 else:
                     exp_series_(x, order - 1, t, xs).mul_(g).mul_(w)
             # du = s·t pᵀ, dp = s·uᵀ t: the scale rides on the GEMMs
-            _part(du, r0, n).addmm_(t, pc.t(), beta=0, alpha=scale)
+            row_slice(du, r0, n).addmm_(t, pc.t(), beta=0, alpha=scale)
             if single:
                 dp = torch.mm(ub.t(), t) if scale == 1.0 else ub.t().mm(t).mul_(scale)
             else:
