@@ -382,6 +382,53 @@ def test_block_buffers_are_reused_between_calls():
         assert [t.numel() for t in bwd.tensors if t.numel() > factor] == []
 
 
+@pytest.mark.parametrize("order,slots", [(1, ["out"]), (None, ["out", "x"]),
+                                         (3, ["h", "out", "x"])])
+@pytest.mark.parametrize("kind", ["linear", "conv2d-gemm", "conv2d-aten"])
+def test_a_layer_step_uses_only_the_buffers_its_order_needs(fuse_all, monkeypatch, order,
+                                                            slots, kind):
+    """fp32 W: forward forms x = u@p in W's own rows (no x buffer); an order-1 layer's
+    backward forms t = g ⊙ W in the dL/dW' it made, on either dL/dW' route (no block
+    buffer), and the exact exp forms t in x's buffer. Gradients match the op path, where
+    the caller's g is read only."""
+    from lie_kernels.backends import torch_backend
+    monkeypatch.setattr(torch_backend, "WGRAD_GEMM_POSITIONS",
+                        0.0 if kind.endswith("aten") else float("inf"))
+    torch.manual_seed(2)
+    base = nn.Linear(30, 20) if kind == "linear" else nn.Conv2d(5, 20, 3)
+    layer = lk.nn.LAYER_TYPES[type(base)](base, rank=3, order=order, scale=0.7,
+                                          parametrization="lowrank")
+    with torch.no_grad():
+        for q in _params(layer):
+            q.normal_(0, 0.3)
+    x = torch.randn(4, 30) if kind == "linear" else torch.randn(2, 5, 4, 4)
+    seen = {}
+
+    def step():
+        torch_backend.release_buffers()
+        got = _grads(layer, layer, x.requires_grad_(True))
+        seen["slots"] = sorted(torch_backend._ARENA.slots)
+        seen["got"] = got
+    _in_fresh_thread(step)
+    assert seen["slots"] == slots
+    for g, w in zip(seen["got"], _grads(_two_node(layer), layer, x)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_overwrites_only_a_grad_it_is_given_as_scratch():
+    """The public ``backward`` leaves the caller's g intact; ``overwrite_grad=True``
+    (what the layer seams pass for the dL/dW' they formed) gives the same gradients."""
+    be = get_backend("torch")
+    w, u, p = _wup(40, 50)
+    g = torch.randn_like(w)
+    keep = g.clone()
+    want = be.backward(g, w, u, p, 1, 0.7, False)
+    assert torch.equal(g, keep)
+    got = be.backward(g.clone(), w, u, p, 1, 0.7, False, True)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_arena_made_under_inference_mode_holds_normal_tensors():
     """A first call under inference_mode must not leave an inference tensor behind
     (views of it would be inference tensors too, which autograd cannot save); a later
@@ -395,7 +442,7 @@ def test_arena_made_under_inference_mode_holds_normal_tensors():
         with torch.inference_mode():
             layer(x)
         slots = torch_backend._ARENA.slots
-        result.append(sorted(slots) == ["h", "out", "x"]
+        result.append(sorted(slots) == ["h", "out"]  # fp32 W: x formed in the output rows
                       and not any(b.is_inference() for b in slots.values()))
         layer(x).sum().backward()
         result.append(all(p.grad is not None for p in _params(layer)))

@@ -68,8 +68,12 @@ class Backend:
         raise NotImplementedError
 
     def backward(self, grad: Tensor, weight: Tensor, u: Tensor, p: Tensor,
-                 order: Optional[int], scale: float, need_dw: bool
-                 ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+                 order: Optional[int], scale: float, need_dw: bool,
+                 overwrite_grad: bool = False) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+        """``overwrite_grad``: ``grad`` is a scratch tensor the caller formed and drops
+        afterwards (the dL/dW' of ``linear_backward``/``conv_backward``), which the
+        backend may overwrite (the torch backend forms t = g ⊙ W in it at order 1);
+        otherwise ``grad`` is read only."""
         raise NotImplementedError
 
     def forward_transient(self, weight: Tensor, u: Tensor, p: Tensor,
@@ -97,7 +101,7 @@ class Backend:
         """``backward`` with ``g = grad_yᵀ @ x`` for a Linear layer: ``grad_y`` is
         ``(N, C_out)`` and ``x`` is ``(N, C_in)``. This default forms ``g``; a backend
         with a kernel that consumes ``grad_y`` and ``x`` directly overrides it."""
-        return self.backward(grad_y.t().mm(x), weight, u, p, order, scale, need_dw)
+        return self.backward(grad_y.t().mm(x), weight, u, p, order, scale, need_dw, True)
 
     def conv_backward(self, grad_y: Tensor, x: Tensor, weight: Tensor, u: Tensor,
                       p: Tensor, order: Optional[int], scale: float, need_dw: bool,
@@ -111,7 +115,7 @@ class Backend:
         _, g, _ = torch.ops.aten.convolution_backward(
             grad_y, x, weight, None, stride, padding, dilation, False,
             [0] * (weight.dim() - 2), groups, [False, True, False])
-        return self.backward(g, weight, u, p, order, scale, need_dw)
+        return self.backward(g, weight, u, p, order, scale, need_dw, True)
 
     def conv_slice_rows(self, x: Tensor, weight: Tensor,
                         conv: Tuple[Sequence[int], Sequence[int], Sequence[int], int]) -> int:

@@ -93,7 +93,7 @@ class CudaBackend(Backend):
         out = load().forward(w2, u, pm, _order(order), float(scale))
         return rows_to_weight(out, weight.shape, perm)
 
-    def backward(self, grad, weight, u, p, order, scale, need_dw):
+    def backward(self, grad, weight, u, p, order, scale, need_dw, overwrite_grad=False):
         if order == 0:
             return order_zero_backward(grad, weight, u, p, need_dw)
         w2, pm, perm = weight_rows(weight, p)

@@ -210,7 +210,7 @@ class TorchBackend(Backend):
                         ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
         """dL/dW' = grad_yᵀ x in the transient buffer (on CPU: no fresh W-sized tensor)."""
         g = torch.mm(grad_y.t(), x, out=_transient(weight.shape, x.dtype, weight.device))
-        return self.backward(g, weight, u, p, order, scale, need_dw)
+        return self.backward(g, weight, u, p, order, scale, need_dw, True)
 
     def conv_slice_rows(self, x: Tensor, weight: Tensor, conv) -> int:
         """On the GEMM route (``_gemm_route``: a big W on small feature maps), slices of
@@ -236,7 +236,7 @@ class TorchBackend(Backend):
                          out=_transient((n, cols.shape[1]), weight.dtype, weight.device))
             w = row_slice(weight, r0, n)
             parts.append(self.backward(g.view(w.shape), w, row_slice(u, r0, n), p, order,
-                                       scale, need_dw))
+                                       scale, need_dw, True))
         if len(parts) == 1:
             return parts[0]
         dws, dus, dps = zip(*parts)
@@ -256,34 +256,35 @@ class TorchBackend(Backend):
         cd = compute_dtype(weight.dtype)
         exact = order is None
         # exact exp: the scale rides on the GEMM (alpha) and W' = W·exp(s·x) is one
-        # multiply, an fp32 product rounded once (no "1 + small" to lose bits in);
-        # with W in the compute dtype it happens in the output's own rows (no x buffer)
+        # multiply, an fp32 product rounded once (no "1 + small" to lose bits in).
+        # With W in the compute dtype, x is formed in the output's own rows (no x buffer)
         uc, pc = _cast(u, cd), _cast(p, cd)
         alpha = scale if exact else 1.0
-        in_out = exact and out.dtype == cd
+        in_out = out.dtype == cd
         step = min(rows, max(1, CHUNK_ELEMS // cols))
         xbuf = None if in_out else _buffer("x", (step, cols), cd, weight.device)
         hbuf = _buffer("h", (step, cols), cd, weight.device) if order not in (None, 1) else None
         for r0, n in row_slices(rows, step):
-            w, o = row_slice(w2, r0, n), row_slice(out, r0, n)
-            x = (o if in_out else row_slice(xbuf, 0, n)).addmm_(row_slice(uc, r0, n), pc, beta=0,
-                                                            alpha=alpha)
-            if in_out:
-                x.exp_().mul_(w)
-                continue
+            w, o, ub = row_slice(w2, r0, n), row_slice(out, r0, n), row_slice(uc, r0, n)
+            x = (o if in_out else row_slice(xbuf, 0, n)).addmm_(ub, pc, beta=0, alpha=alpha)
             if exact:
-                torch.mul(w, x.exp_(), out=o)
+                if in_out:
+                    x.exp_().mul_(w)
+                else:
+                    torch.mul(w, x.exp_(), out=o)
                 continue
             e, c = expm1_series_(x, order, None if hbuf is None else row_slice(hbuf, 0, n), scale)
-            # W + W·expm1(s·x), computed in the promoted (fp32/fp64) dtype, cast on store.
+            # W + W·expm1(s·x), computed in the promoted (fp32/fp64) dtype, cast on store
+            # (order 1 in place: e is x, read and written element by element)
             torch.addcmul(w, w, e, value=c, out=o)
             if torch.isnan(o.sum()):  # one in-cache pass; a bool reduction costs 100x more
-                _fix_nonfinite(o, w, e, c)
+                _fix_nonfinite(o, w, torch.mm(ub, pc) if e is o else e, c)
         return result
 
     def backward(self, grad: Tensor, weight: Tensor, u: Tensor, p: Tensor,
-                 order: Optional[int], scale: float, need_dw: bool
-                 ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+                 order: Optional[int], scale: float, need_dw: bool,
+                 overwrite_grad: bool = False) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+        """With ``overwrite_grad``, order 1 forms t = g ⊙ W in g itself: no block buffer."""
         if order == 0:
             return order_zero_backward(grad, weight, u, p, need_dw)
         w2, g2 = unfold(weight), unfold(grad)
@@ -302,7 +303,8 @@ class TorchBackend(Backend):
         dp = None if single else torch.zeros((p.shape[0], cols), dtype=cd, device=weight.device)
         xbuf = _buffer("x", (step, cols), cd, weight.device) if need_x else None
         # exact exp: t is formed in x's buffer (exp in place), no second buffer
-        tbuf = None if exact else _buffer("h", (step, cols), cd, weight.device)
+        in_grad = overwrite_grad and order == 1 and not need_dw and g2.dtype == cd
+        tbuf = None if exact or in_grad else _buffer("h", (step, cols), cd, weight.device)
         for r0, n in row_slices(rows, step):
             w, g, ub = row_slice(w2, r0, n), row_slice(g2, r0, n), row_slice(uc, r0, n)
             if need_x:
@@ -314,6 +316,8 @@ class TorchBackend(Backend):
                 if need_dw:
                     torch.mul(g, e, out=row_slice(dw2, r0, n))
                 t = e.mul_(g).mul_(w)
+            elif in_grad:
+                t = g.mul_(w)
             else:
                 t = row_slice(tbuf, 0, n)
                 if need_dw:

@@ -295,8 +295,8 @@ class TritonBackend(Backend):
         return out
 
     def backward(self, grad: Tensor, weight: Tensor, u: Tensor, p: Tensor,
-                 order: Optional[int], scale: float, need_dw: bool
-                 ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+                 order: Optional[int], scale: float, need_dw: bool,
+                 overwrite_grad: bool = False) -> Tuple[Optional[Tensor], Tensor, Tensor]:
         if order == 0:
             return order_zero_backward(grad, weight, u, p, need_dw)
         w2, pm, perm = weight_rows(weight, p)
