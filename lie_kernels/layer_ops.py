@@ -63,8 +63,26 @@ def _conv(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, dilatio
 
 def _slices(x, weight, be: Backend, conv) -> List[Tuple[int, int]]:
     """Row ranges ``(r0, n)`` of W' the conv layer runs one at a time (``conv_slice_rows``);
-    one range, all rows, for most layers."""
+    one range, all rows, for most layers and always for grouped convs (a slice of output
+    channels would need its groups' slice of x)."""
+    if conv[3] != 1:
+        return [(0, weight.shape[0])]
     return row_slices(weight.shape[0], be.conv_slice_rows(x, weight, conv))
+
+
+def _conv_format(x: Tensor) -> torch.memory_format:
+    """The memory format of a Lie conv layer's y and dx: channels_last when x is
+    channels_last (4-D and not contiguous), else contiguous. ATen's convs give that for a
+    contiguous weight; the layer holds to it whatever the layout of W or of a backend's W',
+    so the fakes that ``torch.compile`` plans with can say it from x alone."""
+    return (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+
+
+def _in_format(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` in ``_conv_format(x)``: itself, or one copy when ATen chose otherwise."""
+    fmt = _conv_format(x)
+    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
 def _forward(x, weight, bias, u, p, order, scale, be: Backend, conv):
@@ -77,9 +95,10 @@ def _forward(x, weight, bias, u, p, order, scale, be: Backend, conv):
         w1 = be.forward_transient(row_slice(weight, r0, n), row_slice(u, r0, n), p, k, scale)
         part = _conv(x, w1, row_slice(bias, r0, n), *conv)
         if n == weight.shape[0]:
-            return part
+            return _in_format(part, x)
         if y is None:
-            y = part.new_empty((part.shape[0], weight.shape[0], *part.shape[2:]))
+            y = torch.empty((part.shape[0], weight.shape[0], *part.shape[2:]), dtype=part.dtype,
+                            device=part.device, memory_format=_conv_format(x))
         y.narrow(1, r0, n).copy_(part)
     return y
 
@@ -117,6 +136,7 @@ def _backward_math(grad_y, x, weight, u, p, order, scale, be: Backend, conv,
                 grad_y.narrow(1, r0, n), x, w1, None, *args, [True, False, False])[0]
             del w1
             gx = part if gx is None else gx.add_(part)
+        gx = _in_format(gx, x)
     if need_b:
         gb = grad_y.sum([0, *range(2, grad_y.dim())])
     if need_w or need_lie:
@@ -157,7 +177,8 @@ def lie_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], u: Tensor, p: Te
 
 @lie_conv.register_fake
 def _(x, weight, bias, u, p, order, scale, backend, stride, padding, dilation, groups):
-    return _conv(x, weight, bias, stride, padding, dilation, groups)  # shapes only
+    y = _conv(x, weight, bias, stride, padding, dilation, groups)  # for its shape
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=_conv_format(x))
 
 
 _BWD_RESULT = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -183,12 +204,14 @@ def lie_conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, u: Tensor, p: T
     return tuple(_empty_or(t, x) for t in out)
 
 
-def _fake_backward(grad_y, x, weight, u, p, needs):
+def _fake_backward(grad_y, x, weight, u, p, needs, conv: bool = False):
     need_x, need_w, need_b, need_lie = needs
 
     def like(t, need):
         return t.new_empty(t.shape if need else (0,))
-    return (like(x, need_x), like(weight, need_w), x.new_empty((weight.shape[0],) if need_b
+    dx = (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_conv_format(x))
+          if conv and need_x else like(x, need_x))
+    return (dx, like(weight, need_w), x.new_empty((weight.shape[0],) if need_b
                                                               else (0,)),
             like(u, need_lie), like(p, need_lie))
 
@@ -201,7 +224,7 @@ def _(grad_y, x, weight, u, p, order, scale, backend, needs):
 @lie_conv_backward.register_fake
 def _(grad_y, x, weight, u, p, order, scale, backend, stride, padding, dilation, groups,
       needs):
-    return _fake_backward(grad_y, x, weight, u, p, needs)
+    return _fake_backward(grad_y, x, weight, u, p, needs, conv=True)
 
 
 def _setup_context(ctx, inputs, output):

@@ -244,6 +244,37 @@ def test_custom_ops_pass_opcheck():
                                                  "torch"))
 
 
+@pytest.mark.parametrize("sliced", [False, True])
+def test_channels_last_input_gives_channels_last_y_and_dx_and_the_fakes_agree(monkeypatch,
+                                                                              sliced):
+    """x in channels_last: y and dx come out channels_last, whole or in slices (one-row
+    slices included, whose own outputs are both formats at once), with the two-node path's
+    values; opcheck finds the custom ops' fakes in agreement (``torch.compile`` plans with
+    them)."""
+    from lie_kernels.backends import torch_backend
+    monkeypatch.setattr(torch_backend, "WGRAD_GEMM_POSITIONS", float("inf"))
+    if sliced:  # 36 elements a row: one row a slice
+        monkeypatch.setattr(torch_backend, "CHUNK_ELEMS", 40)
+    torch.manual_seed(0)
+    w, u, p = torch.randn(6, 4, 3, 3), torch.randn(6, 2) * 0.3, torch.randn(2, 36) * 0.3
+    x = torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last).requires_grad_(True)
+    b = torch.randn(6)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    assert len(layer_ops._slices(x, w, get_backend("torch"), conv)) == (6 if sliced else 1)
+    args = (x, w, b, u, p, 1, 0.5, "torch", *conv)
+    y = layer_ops.lie_conv(*args)
+    gy = torch.randn_like(y)
+    bargs = (gy, x.detach(), w, u, p, 1, 0.5, "torch", *conv, [True, False, True, True])
+    dx = layer_ops.lie_conv_backward(*bargs)[0]
+    for t in (y, dx):
+        assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    y2 = F.conv2d(x, get_backend("torch").forward(w, u, p, 1, 0.5), b, padding=1)
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, torch.autograd.grad(y2, x, gy)[0], rtol=1e-5, atol=1e-6)
+    torch.library.opcheck(layer_ops.lie_conv, args)
+    torch.library.opcheck(layer_ops.lie_conv_backward, bargs)
+
+
 def test_patch_hira_on_the_one_node_path(fuse_all):
     peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
     from lie_kernels.integrations.peft import patch_hira

@@ -121,7 +121,8 @@ class Backend:
                         conv: Tuple[Sequence[int], Sequence[int], Sequence[int], int]) -> int:
         """How many output channels of a Lie conv layer (rows of W') to build and use at a
         time. A layer runs its conv and its input gradient once per slice of that many
-        rows, so only one slice of W' is alive at a time. Default: all of them (one slice)."""
+        rows, so only one slice of W' is alive at a time. Asked for groups 1 only (a grouped
+        conv always runs whole). Default: all of them (one slice)."""
         return weight.shape[0]
 
     def forward_many(self, weights: Sequence[Tensor], us: Sequence[Tensor],
