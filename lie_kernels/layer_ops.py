@@ -79,6 +79,11 @@ def _conv_format(x: Tensor) -> torch.memory_format:
             and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
 
 
+def _empty_in_format(x: Tensor, shape: Sequence[int]) -> Tensor:
+    """An uninitialised conv output or dx of ``shape``, x's dtype, in ``_conv_format(x)``."""
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_conv_format(x))
+
+
 def _in_format(t: Tensor, x: Tensor) -> Tensor:
     """``t`` in ``_conv_format(x)``: itself, or one copy when ATen chose otherwise."""
     fmt = _conv_format(x)
@@ -97,8 +102,7 @@ def _forward(x, weight, bias, u, p, order, scale, be: Backend, conv):
         if n == weight.shape[0]:
             return _in_format(part, x)
         if y is None:
-            y = torch.empty((part.shape[0], weight.shape[0], *part.shape[2:]), dtype=part.dtype,
-                            device=part.device, memory_format=_conv_format(x))
+            y = _empty_in_format(x, (part.shape[0], weight.shape[0], *part.shape[2:]))
         y.narrow(1, r0, n).copy_(part)
     return y
 
@@ -177,8 +181,7 @@ def lie_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], u: Tensor, p: Te
 
 @lie_conv.register_fake
 def _(x, weight, bias, u, p, order, scale, backend, stride, padding, dilation, groups):
-    y = _conv(x, weight, bias, stride, padding, dilation, groups)  # for its shape
-    return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=_conv_format(x))
+    return _empty_in_format(x, _conv(x, weight, bias, stride, padding, dilation, groups).shape)
 
 
 _BWD_RESULT = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -209,8 +212,7 @@ def _fake_backward(grad_y, x, weight, u, p, needs, conv: bool = False):
 
     def like(t, need):
         return t.new_empty(t.shape if need else (0,))
-    dx = (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_conv_format(x))
-          if conv and need_x else like(x, need_x))
+    dx = _empty_in_format(x, x.shape) if conv and need_x else like(x, need_x)
     return (dx, like(weight, need_w), x.new_empty((weight.shape[0],) if need_b
                                                               else (0,)),
             like(u, need_lie), like(p, need_lie))
