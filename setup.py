@@ -2,7 +2,7 @@
 extension ``lie_kernels._C`` (csrc/; needs nvcc and a CUDA build of torch, no GPU;
 archs from TORCH_CUDA_ARCH_LIST, default "8.0;9.0"). Install with
 ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
-Without the extension, ``python -m lie_kernels._cuda_build`` builds it just in time.
+Without the extension, ``python -m lie_kernels.cuda_build`` builds it just in time.
 """
 import os
 
@@ -10,7 +10,7 @@ from setuptools import setup
 
 
 def cuda_extension():
-    from lie_kernels import _cuda_build as cb
+    from lie_kernels import cuda_build as cb
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     home = cb.cuda_home()

@@ -1,6 +1,6 @@
 # Source before the tests: the CUDA build environment of this (GPU-less, 2-core) machine.
 #   . .ci/cuda_env.sh
-# lie_kernels/_cuda_build.py finds all of this by itself (including the pip CUDA headers,
+# lie_kernels/cuda_build.py finds all of this by itself (including the pip CUDA headers,
 # added with -idirafter); exporting it makes the build explicit and lets setup.py /
 # torch.utils.cpp_extension agree with it.
 _lk_nvcc=$(command -v nvcc || true)

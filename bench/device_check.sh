@@ -22,7 +22,7 @@ step() { echo "$(date -u +%H:%M:%S) $*" >> "$OUT/versions.txt"; }
   nvcc --version | tail -1
 } > "$OUT/versions.txt" 2>&1
 if command -v nvcc > /dev/null; then
-  LIE_KERNELS_BUILD_DIR=$PWD/build/cuda timeout 150 $PY -m lie_kernels._cuda_build \
+  LIE_KERNELS_BUILD_DIR=$PWD/build/cuda timeout 150 $PY -m lie_kernels.cuda_build \
     > "$OUT/build.log" 2>&1; step "cuda build rc=$?"
 fi
 export LIE_KERNELS_BUILD_DIR=$PWD/build/cuda  # the extension built above

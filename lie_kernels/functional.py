@@ -6,14 +6,8 @@ from typing import Optional, Sequence
 from torch import Tensor
 
 from . import ops
-from ._validate import check_factor, check_order, check_scale, check_weight
+from .validation import check_factor, check_order, check_scale, check_weight
 from .tucker import tucker_to_gemm
-
-
-def lie_gemm(weight: Tensor, u: Tensor, p: Tensor, order: Optional[int], scale: float,
-             backend: str = "auto") -> Tensor:
-    """``W ⊙ exp_K(scale · (u @ p).view(W.shape))`` for already-checked inputs."""
-    return ops.apply(weight, u, p, order, scale, backend)
 
 
 def lie_weight(weight: Tensor, core: Tensor, factors: Sequence[Optional[Tensor]], *,
@@ -28,9 +22,9 @@ def lie_weight(weight: Tensor, core: Tensor, factors: Sequence[Optional[Tensor]]
     backends fuse ``Δ_(1) = U_1 @ P`` with the Lie map (see ``tucker``).
     """
     check_weight(weight)
-    order, scale = check_order(order), check_scale(scale)
+    order, scale = check_order(order), check_scale(scale, dtype=weight.dtype)
     u, p = tucker_to_gemm(weight, core, factors)
-    return lie_gemm(weight, u, p, order, scale, backend)
+    return ops.apply(weight, u, p, order, scale, backend)
 
 
 def lie_weight_lowrank(weight: Tensor, a: Tensor, b: Tensor, *, order: Optional[int] = 1,
@@ -43,11 +37,11 @@ def lie_weight_lowrank(weight: Tensor, a: Tensor, b: Tensor, *, order: Optional[
     ``autocast_adapter_dtype=True``); the result has W's dtype.
     """
     check_weight(weight)
-    order, scale = check_order(order), check_scale(scale)
+    order, scale = check_order(order), check_scale(scale, dtype=weight.dtype)
     check_factor("b", b, weight, ndim=2, fp32_ok=True)
     rows, cols = weight.shape[0], weight.shape[1:].numel()
     if b.shape[0] != rows:
         raise ValueError(f"b must have shape ({rows}, r) (weight.shape[0], rank), "
                          f"got {tuple(b.shape)}")
     check_factor("a", a, weight, shape=(b.shape[1], cols), fp32_ok=True)
-    return lie_gemm(weight, b, a, order, scale, backend)
+    return ops.apply(weight, b, a, order, scale, backend)

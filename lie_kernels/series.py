@@ -20,10 +20,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .validation import check_order, compute_dtype
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Series math runs in fp64 for fp64 inputs and in fp32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["compute_dtype", "exp_series", "exp_series_", "expm1_series_", "divide_out",
+           "multiply_in"]
 
 
 def _nested(x: Tensor, order: int, m: int, out: Optional[Tensor], scale: float = 1.0) -> Tensor:
@@ -44,7 +44,6 @@ def exp_series(x: Tensor, order: Optional[int]) -> Tensor:
     Computed in at least fp32 (Horner), returned in ``x``'s dtype, and
     differentiable with respect to ``x`` (``d/dx exp_K = exp_{K-1}``).
     """
-    from ._validate import check_order  # local: _validate imports nothing from here
     check_order(order)
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"exp_series: x must be a floating-point tensor, got "

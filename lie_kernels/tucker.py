@@ -13,12 +13,13 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._validate import check_factor
+from .validation import check_factor
 from .series import compute_dtype
 
 
 def mode_product(x: Tensor, u: Tensor, mode: int) -> Tensor:
-    """``x ×_mode u``: ``y[.., j, ..] = Σ_i x[.., i, ..] · u[j, i]``, u of shape ``(J, x.shape[mode])``."""
+    """``x ×_mode u``: ``y[.., j, ..] = Σ_i x[.., i, ..] · u[j, i]``, u of shape
+    ``(J, x.shape[mode])``."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"mode_product: x must be a floating-point tensor, got "
                         f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")

@@ -46,7 +46,8 @@ def backend_cases():
     cases = []
     for name, (usable, why) in lk.available_backends().items():
         for dev in DEVICES if name == "torch" else ["cuda" if HAS_CUDA else "cpu"]:
-            marks = [] if usable else [pytest.mark.skip(reason=f"{name} backend unusable here: {why}")]
+            marks = ([] if usable else
+                     [pytest.mark.skip(reason=f"{name} backend unusable here: {why}")])
             cases.append(pytest.param(name, dev, id=f"{name}-{dev}", marks=marks))
     return cases
 

@@ -1,7 +1,11 @@
-"""Random inputs, the float64 reference and small probes used across the tests."""
+"""Random inputs, the float64 reference, small probes and small models used across the tests."""
+import math
+
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import lie_kernels as lk
 from lie_kernels.reference import lie_weight_lowrank_ref, lie_weight_ref
 
 # (weight shape, tucker ranks, modes whose factor is None = identity)
@@ -15,7 +19,7 @@ ORDERS = [0, 1, 2, 3, 4, 8, None]
 
 
 def rand(*shape, dtype=torch.float32, device="cpu", noncontig=False, scale=1.0):
-    """Random tensor; ``noncontig`` gives a transposed-then-sliced view with the same values' shape."""
+    """Random tensor; ``noncontig`` gives a transposed-then-sliced view of the same shape."""
     if not noncontig:
         return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
     big = torch.randn(*reversed(shape[:2]), *shape[2:], 2, dtype=torch.float64) * scale
@@ -87,3 +91,58 @@ class Allocations(TorchDispatchMode):
         if func._schema.name in self.FACTORIES:
             self.tensors.append(out)
         return out
+
+
+# -- small models and layers shared by the model, merge, error and PEFT tests --
+def ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """|got - want| in units of the spacing of ``want``'s dtype above |want| (nextafter)."""
+    mag = want.abs()
+    up = torch.nextafter(mag, torch.tensor(math.inf, dtype=want.dtype)) - mag
+    down = mag - torch.nextafter(mag, torch.tensor(0.0, dtype=want.dtype))
+    step = torch.where(torch.isinf(up), down, up).double()  # the largest finite number
+    diff = (got.double() - want.double()).abs() / step
+    return torch.where(got == want, torch.zeros_like(diff), diff)
+
+
+def lowrank_linear(delta_rows, delta_cols, w, order, dtype=torch.float32):
+    """A LieLinear with W = ``w`` and Δ = outer(delta_rows, delta_cols), scale 1."""
+    out_f, in_f = len(delta_rows), len(delta_cols)
+    base = nn.Linear(in_f, out_f, bias=False).to(dtype)
+    layer = lk.nn.LieLinear(base, rank=1, order=order, scale=1.0)
+    with torch.no_grad():
+        base.weight.copy_(torch.as_tensor(w, dtype=torch.float64).expand(out_f, in_f))
+        layer.lie_b.copy_(torch.tensor(delta_rows, dtype=torch.float64)[:, None])
+        layer.lie_a.copy_(torch.tensor(delta_cols, dtype=torch.float64)[None, :])
+    return layer
+
+
+def randomised(layer, std=0.3):
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.startswith("lie_"):
+                p.copy_(torch.randn_like(p, dtype=torch.float32) * std)
+    return layer
+
+
+def three_layer_model(order=2):
+    torch.manual_seed(0)
+    model = lk.inject(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
+                                    nn.Linear(6, 3)), rank=2, order=order)
+    for _, m in lk.nn.lie_layers(model):
+        randomised(m)
+    return model
+
+
+def resnet18():
+    import torchvision
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None, num_classes=10)
+
+
+def tiny_llama():
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=16)
+    return transformers.LlamaForCausalLM(cfg)

@@ -13,6 +13,10 @@ from lie_kernels.backends import get_backend, torch_backend
 from conftest import backend_cases
 from helpers import (ORDERS, SHAPES, lowrank_inputs, ref_lowrank, ref_tucker, rel_err,
                      tucker_inputs)
+import os
+import subprocess
+import sys
+import textwrap
 
 FP32_TOL = 2e-6  # relative to max|W'|; the spec asks for "far below 1e-4"
 CASES = backend_cases()
@@ -215,14 +219,47 @@ def test_small_op_rebuilds_unless_exact_fp32_and_frozen(case):
 def test_kept_output_backward_takes_factors_of_another_dtype(wdt, fdt):
     """The layers' weight op (``ops.apply``) does not check factor dtypes: a kept W'
     must give the same gradients, in the factors' dtypes, as the rebuilding path."""
-    from lie_kernels import ops
+    from lie_kernels.ops import weight as weight_op
     w, a, b = lowrank_inputs((30, 20), 4, dtype=wdt)
     a, b = a.to(fdt).requires_grad_(True), b.to(fdt).requires_grad_(True)
     g = torch.randn(30, 20, dtype=wdt)
-    out, saved = _saved_during(lambda: ops.apply(w, b, a, None, 0.7, "torch"))
+    out, saved = _saved_during(lambda: weight_op.apply(w, b, a, None, 0.7, "torch"))
     assert out.data_ptr() in [t.data_ptr() for t in saved]
     got = torch.autograd.grad(out, [a, b], g)
     w.requires_grad_(True)  # dW asked for: the rebuilding path
-    want = torch.autograd.grad(ops.apply(w, b, a, None, 0.7, "torch"), [a, b], g)
+    want = torch.autograd.grad(weight_op.apply(w, b, a, None, 0.7, "torch"), [a, b], g)
     for gg, gw in zip(got, want):
         assert gg.dtype == fdt and rel_err(gg, gw) < 10 * FP32_TOL
+
+
+# -- thread-safe first use -------------------------------------------------------------
+THREADS_SCRIPT = textwrap.dedent("""
+    import threading, lie_kernels as lk
+    from lie_kernels.backends import _MODULES, get_backend
+    barrier, errors, seen = threading.Barrier(8), [], []
+    def first_use():
+        barrier.wait()
+        try:
+            names = sorted(lk.available_backends())
+            for name in names:
+                get_backend(name)
+            seen.append(len(names))
+        except Exception as exc:
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=first_use) for _ in range(8)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    assert not errors, errors
+    assert seen == [len(_MODULES)] * 8, seen
+    print("ok")
+""")
+
+
+@pytest.mark.slow
+def test_concurrent_first_use_from_8_threads(request):
+    runs = 20 if request.config.getoption("--slow") else 3
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    for run in range(runs):
+        res = subprocess.run([sys.executable, "-c", THREADS_SCRIPT], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0 and "ok" in res.stdout, f"run {run}: {res.stderr[-2000:]}"

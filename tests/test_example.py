@@ -12,6 +12,7 @@ pytest.importorskip("sklearn", reason="the example needs scikit-learn (pip insta
 pytest.importorskip("matplotlib", reason="the example plots with matplotlib")
 
 
+@pytest.mark.slow
 def test_digits_example_quick(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(ROOT / "examples/digits_finetune.py"), "--quick",

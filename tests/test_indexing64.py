@@ -1,4 +1,4 @@
-"""64-bit offsets in the Triton kernels (issue 9): views of W whose element offsets
+"""64-bit offsets in the Triton kernels: views of W whose element offsets
 pass 2**31 must be read exactly, never wrapped.
 
 The storages below are large but virtual (torch.empty does not touch them); only
@@ -41,7 +41,7 @@ def _check(w, rank=4, zero_b=False):
 
 @needs_triton
 def test_row_offsets_past_2_31_with_zero_update():
-    """Issue reproducer: rows 2**30+8 apart (row 2 at 2**31+16): was a segfault."""
+    """Rows 2**30+8 apart (row 2 at 2**31+16): was a segfault."""
     w = _strided(2 ** 31 + 64, (3, 16), (2 ** 30 + 8, 1))
     out = _check(w, zero_b=True)
     assert torch.equal(out, w)
@@ -49,7 +49,7 @@ def test_row_offsets_past_2_31_with_zero_update():
 
 @needs_triton
 def test_row_stride_just_below_2_31():
-    """Issue reproducer: row stride 2**31-16: row 2 was read 32 elements before W."""
+    """Row stride 2**31-16: row 2 was read 32 elements before W."""
     w = _strided(2 * (2 ** 31 - 16) + 16, (3, 16), (2 ** 31 - 16, 1))
     _check(w)
 

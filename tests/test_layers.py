@@ -164,7 +164,7 @@ def test_inject_by_type_name_and_regex():
     assert torch.equal(model(x), y0)  # identity at init
     assert not model[0].base.weight.requires_grad and not model[0].base.bias.requires_grad
     # PEFT-like: everything but the factors is frozen (trainable= keeps modules, see
-    # test_first_hour.py)
+    # test_model.py)
     assert not model[1].weight.requires_grad and not model[6].weight.requires_grad
     trainable, adapter, base = lk.trainable_parameters(model)
     lie = sum(p.numel() for n, p in model.named_parameters() if "lie_" in n)
@@ -206,3 +206,20 @@ def test_low_precision_layer_merge(dtype):
     assert ((y1 - y0).abs().max() / y0.abs().max()).item() < 2e-2
     layer.unmerge()
     assert layer.base.weight.dtype == dtype
+
+
+def test_fp32_factors_with_16_bit_weight():
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        w = torch.randn(9, 7, dtype=dtype)
+        a, b = torch.randn(3, 7, requires_grad=True), torch.randn(9, 3, requires_grad=True)
+        got = lk.lie_weight_lowrank(w, a, b, order=2, scale=0.1)
+        x = 0.1 * (b.double() @ a.double())
+        ref = w.double() * (1 + x + x * x / 2)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), ref, rtol=2 ** -7, atol=0)
+        got.float().sum().backward()
+        assert a.grad.dtype == b.grad.dtype == torch.float32
+    with pytest.raises(TypeError, match=r"b must have the weight's dtype torch.float32, "
+                                        r"got torch.float64"):
+        lk.lie_weight_lowrank(w.float(), a.double(), b.double())

@@ -24,12 +24,12 @@ _REGISTRY_LOCK = threading.Lock()
 _PROBE_LOCK = threading.RLock()
 
 
-def _availability(be: Backend) -> Tuple[bool, str]:
+def availability_of(be: Backend) -> Tuple[bool, str]:
     with _PROBE_LOCK:
         return be.availability()
 
 
-def _registry() -> Dict[str, Backend]:
+def registry() -> Dict[str, Backend]:
     """The name -> backend map, built once. Thread-safe first use: the map is built
     whole under a lock and published only then, so no thread sees a partial one."""
     global _REGISTRY
@@ -47,7 +47,7 @@ def _registry() -> Dict[str, Backend]:
 
 
 def get_backend(name: str) -> Backend:
-    reg = _registry()
+    reg = registry()
     if name not in reg:
         raise ValueError(f"backend must be 'auto' or one of {sorted(reg)}, got {name!r}")
     return reg[name]
@@ -55,7 +55,7 @@ def get_backend(name: str) -> Backend:
 
 def available_backends() -> Dict[str, Tuple[bool, str]]:
     """``{name: (usable, reason)}`` for every known backend."""
-    return {name: _availability(be) for name, be in _registry().items()}
+    return {name: availability_of(be) for name, be in registry().items()}
 
 
 def select_backend(name: str, weight: Tensor, u: Tensor, p: Tensor,
@@ -64,17 +64,33 @@ def select_backend(name: str, weight: Tensor, u: Tensor, p: Tensor,
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
     if name != "auto":
         be = get_backend(name)
-        usable, why = _availability(be)
+        usable, why = availability_of(be)
         reasons = [why] if not usable else be.not_supported_reasons(weight, u, p, order)
         if reasons:
             raise RuntimeError(f"backend {name!r} cannot take these inputs: "
                                + "; ".join(reasons))
         return be
     best, best_prio = None, None
-    for be in _registry().values():
+    for be in registry().values():
         prio = be.auto_priority(weight)
         if prio is None or (best_prio is not None and prio <= best_prio):
             continue
-        if _availability(be)[0] and not be.not_supported_reasons(weight, u, p, order):
+        if availability_of(be)[0] and not be.not_supported_reasons(weight, u, p, order):
             best, best_prio = be, prio
     return best
+
+
+def check_backend(backend) -> str:
+    """A backend name that can run in this process: ``"auto"`` or a registered backend
+    whose ``availability()`` is true (checked when a layer is built, not at its first
+    forward). Whether it takes particular tensors is still checked per call."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str ('auto' or one of {sorted(registry())}), "
+                        f"got {type(backend).__name__} {backend!r}")
+    if backend == "auto":
+        return backend
+    usable, why = availability_of(get_backend(backend))
+    if not usable:
+        raise ValueError(f"backend={backend!r} cannot run in this process: {why}; "
+                         f"use backend='auto' (or 'torch')")
+    return backend

@@ -17,7 +17,10 @@ backend is called). Each of them has W's dtype or, for a 16-bit W, fp32 (PEFT's
 default autocast keeps adapter factors in fp32; the math is fp32 inside anyway).
 ``order`` is an int >= 0 or None. W may be any strided view (channels_last
 included); its offsets may pass 2**31 elements: a backend either indexes it
-safely or refuses it in ``not_supported_reasons``.
+safely or refuses it in ``not_supported_reasons``. W may also be a frozen
+``quant.QuantizedWeight`` (4/8-bit, 2-D): then ``W`` above is ``deq(W)``, W' has its
+compute dtype (``weight.dtype``), dW is never asked for, and a backend reads the packed
+weight a block or tile at a time (never a dense copy of it) or refuses it.
 
 Outputs: ``forward`` returns a tensor of W's shape and dtype, laid out in W's
 memory order when W is a dense permutation (e.g. channels_last), else
@@ -39,6 +42,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from ..quant import QuantizedWeight
 
 
 class Backend:
@@ -235,13 +240,19 @@ def order_zero_backward(grad: Tensor, weight: Tensor, u: Tensor, p: Tensor, need
 
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Highest finite order the compiled kernels unroll (Triton and ``csrc/lie_series.cuh``'s
+#: ``kMaxOrder``); the public bound, ``order.MAX_ORDER``, is the torch backend's.
+KERNEL_MAX_ORDER = 8
 
 
-def kernel_limits(weight: Tensor, u: Tensor, order: Optional[int], max_order: int,
-                  max_rank: int) -> list:
-    """Reasons a compiled kernel (fp32/fp16/bf16, orders 0..max_order or exact,
+def kernel_limits(weight: Tensor, u: Tensor, order: Optional[int], max_rank: int) -> list:
+    """Reasons a compiled kernel (fp32/fp16/bf16, orders 0..KERNEL_MAX_ORDER or exact,
     rank <= max_rank) cannot take these inputs."""
+    max_order = KERNEL_MAX_ORDER
     reasons = []
+    if isinstance(weight, QuantizedWeight):
+        reasons.append(f"a {weight.kind} quantized weight is not read by this backend's "
+                       f"kernels (the torch backend takes it)")
     if weight.dtype not in KERNEL_DTYPES:
         reasons.append(f"dtype {weight.dtype} is not supported (fp32, fp16, bf16)")
     if order is not None and order > max_order:

@@ -2,7 +2,7 @@
 
 The extension comes from ``LIE_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation
 -e .`` (``lie_kernels/_C*.so``) or from a JIT build (``python -m
-lie_kernels._cuda_build``, or ``LIE_KERNELS_JIT=1`` to build on first use).
+lie_kernels.cuda_build``, or ``LIE_KERNELS_JIT=1`` to build on first use).
 Loading registers ``torch.ops.lie_kernels_cuda.{forward,backward,backward_splits}``
 plus fake implementations, so ``torch.compile`` sees shapes.
 
@@ -21,13 +21,13 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..order import encode_order
 from .base import (Backend, columns_from_order, kernel_limits, order_zero_backward,
                    rows_in_order, rows_to_weight, weight_rows)
 
 MAX_RANK = 32  # csrc/lie_launch.h: kMaxRank
-MAX_ORDER = 8
 BUILD_HINT = ("build it with `LIE_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .` "
-              "or `python -m lie_kernels._cuda_build` (needs nvcc and a CUDA build of torch)")
+              "or `python -m lie_kernels.cuda_build` (needs nvcc and a CUDA build of torch)")
 
 _STATE = {"ops": None, "error": None}
 
@@ -47,14 +47,14 @@ def load(build: bool = False):
     """``torch.ops.lie_kernels_cuda`` once the extension is loaded, else None (see ``error``)."""
     if _STATE["ops"] is not None or (_STATE["error"] and not build):
         return _STATE["ops"]
-    from .. import _cuda_build
+    from .. import cuda_build
     try:
         spec = importlib.util.find_spec("lie_kernels._C")
-        lib = spec.origin if spec is not None else _cuda_build.built_library()
+        lib = spec.origin if spec is not None else cuda_build.built_library()
         if lib is not None:
             torch.ops.load_library(str(lib))
         elif build or os.environ.get("LIE_KERNELS_JIT") == "1":
-            _cuda_build.build()
+            cuda_build.build()
         else:
             raise RuntimeError(f"the CUDA extension is not built; {BUILD_HINT}")
         _register_fakes()
@@ -62,10 +62,6 @@ def load(build: bool = False):
     except (OSError, RuntimeError, ImportError) as exc:
         _STATE["error"] = str(exc).splitlines()[0]
     return _STATE["ops"]
-
-
-def _order(order: Optional[int]) -> int:
-    return -1 if order is None else order
 
 
 class CudaBackend(Backend):
@@ -86,11 +82,11 @@ class CudaBackend(Backend):
         reasons = []
         if not weight.is_cuda:
             reasons.append(f"needs CUDA tensors, got {weight.device}")
-        return reasons + kernel_limits(weight, u, order, MAX_ORDER, MAX_RANK)
+        return reasons + kernel_limits(weight, u, order, MAX_RANK)
 
     def forward(self, weight, u, p, order, scale) -> Tensor:
         w2, pm, perm = weight_rows(weight, p)
-        out = load().forward(w2, u, pm, _order(order), float(scale))
+        out = load().forward(w2, u, pm, encode_order(order), float(scale))
         return rows_to_weight(out, weight.shape, perm)
 
     def backward(self, grad, weight, u, p, order, scale, need_dw, overwrite_grad=False):
@@ -98,7 +94,7 @@ class CudaBackend(Backend):
             return order_zero_backward(grad, weight, u, p, need_dw)
         w2, pm, perm = weight_rows(weight, p)
         g2 = rows_in_order(grad, perm)
-        dw, du, dp = load().backward(g2, w2, u, pm, _order(order), float(scale), need_dw)
+        dw, du, dp = load().backward(g2, w2, u, pm, encode_order(order), float(scale), need_dw)
         return ((rows_to_weight(dw, weight.shape, perm) if need_dw else None), du,
                 columns_from_order(dp, weight.shape, perm))
 

@@ -15,26 +15,24 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..quant import QuantizedWeight
 from ..series import compute_dtype, exp_series_, expm1_series_
 from .base import Backend, order_zero_backward, row_slice, row_slices, unfold
 
-#: elements per row block (2 MiB of fp32 per buffer). Measured on 2 cores for
-#: 512x512x3x3, order 4, fwd+bwd: 2^15 -> 14 ms, 2^17 -> 7.7-8.9 ms, 2^19 -> 7.7 ms;
-#: fewer, larger blocks win because every op costs a fixed ~5 us to launch.
+#: elements per row block (2 MiB of fp32 per buffer): fewer, larger blocks win, as every
+#: op costs a fixed few µs to launch (measurements: docs/backends.md, CPU constants).
 CHUNK_ELEMS = 1 << 19
 
 #: exact exp, fp32/fp64 W below this many elements (256 KiB in fp32): the op saves W'
 #: and its backward is t = g ⊙ W' and two small GEMMs, instead of rebuilding exp(s·x)
-#: (a GEMM and an exp pass). Measured on 2 cores, ConvNeXt's 1024x1x7x7 depthwise
-#: weight, low-rank r16, fwd+bwd median: 173-184 us kept vs 205-220 us rebuilt (eager
-#: autograd, which saves exp(s·Δ) too: 183-217 us). The two-node Lie layers (below
-#: layer_ops.FUSE_MIN_NUMEL) save W' for their conv anyway, so there it costs nothing.
+#: (a GEMM and an exp pass), which costs more on such small weights. The two-node Lie
+#: layers (below ops.layer.FUSE_MIN_NUMEL) save W' for their conv anyway.
 KEEP_OUTPUT_NUMEL = 1 << 16
 
 #: the largest W' (in bytes) that ``forward_transient`` builds in the thread's reused
@@ -45,11 +43,8 @@ TRANSIENT_MAX_BYTES = 64 << 20
 #: on CPU a conv's dL/dW' is one GEMM, ``grad_y · im2col(x)ᵀ``, written into the
 #: transient buffer, when its N·L output positions are at most this fraction of
 #: C_out (im2col then holds at most that fraction of W's elements); else ATen's
-#: weight gradient (oneDNN), which allocates dL/dW' afresh on every call. Measured on
-#: 2 cores, fp32, ResNet-18 at batch 8, 96 px, oneDNN vs GEMM (ms): 512x512x3x3 at
-#: 3x3 px 4.13 vs 2.52; 256->512 3x3 stride 2, 1.18M W, 2.28 vs 1.44; 1x1 256->512
-#: 0.35 vs 0.22 (all N·L = 0.14·C_out); at N·L = 1.1·C_out the GEMM loses
-#: (256x256x3x3 at 6x6 px: 2.01 vs 3.15).
+#: weight gradient (oneDNN), which allocates dL/dW' afresh on every call. The GEMM wins
+#: on small feature maps and loses once N·L passes C_out (docs/backends.md).
 WGRAD_GEMM_POSITIONS = 0.25
 
 
@@ -58,10 +53,7 @@ class _Arena(threading.local):
 
     A freshly allocated multi-MiB CPU tensor costs its page faults on first touch,
     on every call (the allocator hands big blocks back to the OS when they are
-    freed). Measured on this project's 2-core VM: a 512x512x3x3 conv ran 10.0 ms
-    on a freshly allocated copy of its weight, 2.6 ms on the same values copied
-    into a reused buffer; one ResNet-18 LieRA training step (order 1), 207-232 ms
-    -> 181-190 ms.
+    freed), which can cost more than the conv that reads it.
     Buffers are uninitialised and never shrink; a slot serves one tensor at a time:
     the block slots within one backend call; "out", a W-sized transient (``_transient``;
     on the sliced conv route, a slice of W' or dL/dW'), until the thread's next one.
@@ -163,6 +155,22 @@ def _gemm_operands(grad_y: Tensor, x: Tensor, weight: Tensor, conv) -> Tuple[Ten
             cols.transpose(1, 2).reshape(n * positions, ck))
 
 
+def _rows_reader(weight, step: int, dtype: torch.dtype) -> Callable[[int, int], Tensor]:
+    """``(r0, n) -> W[r0:r0+n]`` as ``(n, M)``: a view of a dense W, or the rows of a
+    quantized W dequantized into the block buffer "w" (``dtype``, the compute dtype), so
+    no dense copy of the whole weight ever exists."""
+    if isinstance(weight, QuantizedWeight):
+        buf = _buffer("w", (step, weight.shape[1]), dtype, weight.device)
+        return lambda r0, n: weight.rows(r0, n, dtype, out=row_slice(buf, 0, n))
+    w2 = unfold(weight)
+    return lambda r0, n: row_slice(w2, r0, n)
+
+
+def _empty_output(weight) -> Tensor:
+    """A contiguous tensor of W's shape and (compute) dtype for W' or dW."""
+    return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+
+
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)``, skipping the call (~1 µs) when it would be a no-op: a small
     weight's whole op costs tens of µs, so per-call overhead shows."""
@@ -201,8 +209,7 @@ class TorchBackend(Backend):
 
     def forward(self, weight: Tensor, u: Tensor, p: Tensor,
                 order: Optional[int], scale: float) -> Tensor:
-        return self._build(weight, u, p, order, scale,
-                           torch.empty_like(weight, memory_format=torch.contiguous_format))
+        return self._build(weight, u, p, order, scale, _empty_output(weight))
 
     def forward_transient(self, weight: Tensor, u: Tensor, p: Tensor,
                           order: Optional[int], scale: float) -> Tensor:
@@ -219,9 +226,8 @@ class TorchBackend(Backend):
 
     def conv_slice_rows(self, x: Tensor, weight: Tensor, conv) -> int:
         """On the GEMM route (``_gemm_route``: a big W on small feature maps), slices of
-        ``CHUNK_ELEMS`` elements: a slice of W' or dL/dW' is all the reused buffer holds.
-        Measured on 2 cores, fp32, a 512x512x3x3 Lie layer on 3x3 px at batch 8, order 1,
-        fwd+bwd: 14.5 ms whole, 15.0 ms in 5 slices; ResNet-18's buffer 9.4 -> 2.3 MiB."""
+        ``CHUNK_ELEMS`` elements: a slice of W' or dL/dW' is all the reused buffer holds,
+        for a few percent more time on such layers."""
         return _slice_rows(weight) if _gemm_route(x, weight, conv) else weight.shape[0]
 
     def conv_backward(self, grad_y: Tensor, x: Tensor, weight: Tensor, u: Tensor,
@@ -251,12 +257,15 @@ class TorchBackend(Backend):
     def _build(self, weight: Tensor, u: Tensor, p: Tensor, order: Optional[int],
                scale: float, result: Tensor) -> Tensor:
         """W' into ``result`` (contiguous, W's shape and dtype), which it returns."""
-        w2 = unfold(weight)
-        rows, cols = w2.shape
+        rows, cols = weight.shape[0], math.prod(weight.shape[1:])
         out = result.view(rows, cols)  # what the loop writes
-        if order == 0:
-            return result.copy_(weight)
         cd = compute_dtype(weight.dtype)
+        step = min(rows, max(1, CHUNK_ELEMS // cols))
+        w_rows = _rows_reader(weight, step, cd)
+        if order == 0:
+            for r0, n in row_slices(rows, step):
+                row_slice(out, r0, n).copy_(w_rows(r0, n))
+            return result
         exact = order is None
         # exact exp: the scale rides on the GEMM (alpha) and W' = W·exp(s·x) is one
         # multiply, an fp32 product rounded once (no "1 + small" to lose bits in).
@@ -264,11 +273,10 @@ class TorchBackend(Backend):
         uc, pc = _cast(u, cd), _cast(p, cd)
         alpha = scale if exact else 1.0
         in_out = out.dtype == cd
-        step = min(rows, max(1, CHUNK_ELEMS // cols))
         xbuf = None if in_out else _buffer("x", (step, cols), cd, weight.device)
         hbuf = _buffer("h", (step, cols), cd, weight.device) if order not in (None, 1) else None
         for r0, n in row_slices(rows, step):
-            w, o, ub = row_slice(w2, r0, n), row_slice(out, r0, n), row_slice(uc, r0, n)
+            w, o, ub = w_rows(r0, n), row_slice(out, r0, n), row_slice(uc, r0, n)
             x = (o if in_out else row_slice(xbuf, 0, n)).addmm_(ub, pc, beta=0, alpha=alpha)
             if exact:
                 if in_out:
@@ -290,10 +298,10 @@ class TorchBackend(Backend):
         """With ``overwrite_grad``, order 1 forms t = g ⊙ W in g itself: no block buffer."""
         if order == 0:
             return order_zero_backward(grad, weight, u, p, need_dw)
-        w2, g2 = unfold(weight), unfold(grad)
-        rows, cols = w2.shape
+        g2 = unfold(grad)
+        rows, cols = g2.shape
         cd = compute_dtype(weight.dtype)
-        dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else None
+        dw = _empty_output(weight) if need_dw else None
         dw2 = None if dw is None else dw.view(rows, cols)
         exact = order is None
         # exact exp: as in forward x = s·u@p (GEMM alpha), so exp(x) needs no scaling pass
@@ -302,6 +310,7 @@ class TorchBackend(Backend):
         du = torch.empty((rows, u.shape[1]), dtype=cd, device=weight.device)
         need_x = need_dw or order != 1  # order 1: exp_0 = 1, Δ is not needed
         step = min(rows, max(1, CHUNK_ELEMS // cols))
+        w_rows = _rows_reader(weight, step, cd)
         single = step == rows  # one block: dp is one GEMM, no zero-filled accumulator
         dp = None if single else torch.zeros((p.shape[0], cols), dtype=cd, device=weight.device)
         xbuf = _buffer("x", (step, cols), cd, weight.device) if need_x else None
@@ -309,7 +318,7 @@ class TorchBackend(Backend):
         in_grad = overwrite_grad and order == 1 and not need_dw and g2.dtype == cd
         tbuf = None if exact or in_grad else _buffer("h", (step, cols), cd, weight.device)
         for r0, n in row_slices(rows, step):
-            w, g, ub = row_slice(w2, r0, n), row_slice(g2, r0, n), row_slice(uc, r0, n)
+            w, g, ub = w_rows(r0, n), row_slice(g2, r0, n), row_slice(uc, r0, n)
             if need_x:
                 x = row_slice(xbuf, 0, n).addmm_(ub, pc, beta=0, alpha=alpha)
             # t = g ⊙ W ⊙ exp_{K-1}(s·x) = dL/d(s·x) (exact exp: g ⊙ W ⊙ exp(s·x));

@@ -4,7 +4,7 @@ peak memory.
 Time: min and median of several forward+backward steps in this process. Memory:
 one fresh process per (shape, method) does one forward+backward; we report its
 peak resident memory (VmHWM) minus its resident size right after the imports, as
-the core-library issue asks. W, the factors and the gradient count in both.
+the same way for both. W, the factors and the gradient count in both.
 """
 from __future__ import annotations
 

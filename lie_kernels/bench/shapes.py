@@ -39,6 +39,9 @@ SWEEP: List[Case] = [
 #: the default on a CPU: one shape per family, small enough for a two-minute run
 CPU_DEFAULT = ["resnet50.3x3.256", "resnet50.1x1.1024-256", "convnextv2b.dw7x7.1024",
                "sd15.3x3.640", "linear.4096x4096"]
+#: --quick: a 3x3 conv and a 1x1 conv (a Linear-shaped matrix) of the CPU default, the
+#: sizes at which a smoke test of every method takes seconds
+QUICK = ["resnet50.3x3.256", "resnet50.1x1.1024-256"]
 
 
 def resnet50_convs() -> List[Tuple[int, ...]]:

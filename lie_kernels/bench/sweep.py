@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import textwrap
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -118,8 +119,10 @@ def reason(exc: BaseException) -> str:
 
 def run(device: str, cases: List[str], params: List[str], orders: List[Optional[int]],
         dtypes: List[str], modes: List[str], backends: List[str], with_compile: bool,
-        with_memory: bool, log=print) -> List[Dict]:
+        with_memory: bool, log=print) -> Tuple[List[Dict], List[str]]:
     """Time every method at every point, then measure its peak memory; log one row each.
+    Returns the rows and the run's caveats (the warnings logged after the table, which
+    the plot repeats).
 
     Only ``torch.compile(reference)`` may fail (no C++ compiler, an unsupported
     op): its reason is logged and its cells read 'n/a'.
@@ -128,7 +131,7 @@ def run(device: str, cases: List[str], params: List[str], orders: List[Optional[
     log(f"# device {device}: copy bandwidth {copy_bw:.1f} GB/s (read+write), measured now")
     log(header())
     spec = (device, cases, params, orders, dtypes, modes, backends, with_compile)
-    rows, timings = [], {}
+    rows, timings, failures = [], {}, 0
     for (case, param, dtype_name, order, mode, wbytes), steps in _cases(*spec):
         res, failed = {}, set()
         for m, step in steps.items():
@@ -138,9 +141,11 @@ def run(device: str, cases: List[str], params: List[str], orders: List[Optional[
                 if m != "compile":
                     raise
                 failed.add(m)
+                failures += 1
                 log(f"# {baselines.label(m)} failed on {case.name} {param} order={order} "
                     f"{dtype_name} {mode}: {reason(exc)}")
-        nbytes = (2 if mode == "fwd" else 4) * wbytes  # bytes floor: see DESIGN.md
+        # bytes floor: forward reads W, writes W'; backward reads g and W (2 passes more)
+        nbytes = (2 if mode == "fwd" else 4) * wbytes
         for m, t in res.items():
             gbs = nbytes / (t.median * 1e-3) / 1e9
             row = dict(case=case.name, shape="x".join(map(str, case.shape)), param=param,
@@ -163,10 +168,14 @@ def run(device: str, cases: List[str], params: List[str], orders: List[Optional[
             log(_fmt(row))
     for line in legend():
         log(line)
-    warning = measure.busy_warning(timings, device)
-    if warning:
-        log(warning)
-    return rows
+    caveats = [measure.busy_warning(timings, device)]
+    if failures:
+        caveats.append(f"# WARNING: {baselines.label('compile')} failed at {failures} "
+                       "points (reasons in sweep.txt): its bars are missing there.")
+    caveats = [c for c in caveats if c]
+    for line in caveats:
+        log(line)
+    return rows, caveats
 
 
 def legend(entries=None, width: int = 100) -> List[str]:
@@ -202,49 +211,123 @@ def _point(r: Dict) -> str:
     return f"{r['case']} {r['param']} o={r['order']} {r['dtype']} {r['pass']}"
 
 
-def plot(rows: List[Dict], path: str, title: str) -> None:
+#: printed under the plot, one line each: how its rows and bars read (the PNG travels
+#: without the table and its legend)
+PLOT_LEGEND = [
+    "rows: <case> <param> o=<order> <dtype> <pass>",
+    "case: <model>.<kernel>.<channels>: resnet50.3x3.256 = a 3x3 conv of ResNet-50, 256 "
+    "channels in and out; 1x1.1024-256 = 1024 out, 256 in; dw7x7 = depthwise; "
+    "linear.<out>x<in> = a Linear weight",
+    "param: tucker = Tucker core and factors, lowrank = B@A;   o= : the order K of the series "
+    "exp_K (exact = exp);   dtype: W's;   pass: fwd = build W' = W*exp_K(s*Delta), fwdbwd = "
+    "build W' and backpropagate into the factors",
+    "lie_kernels[<backend>] = this library's fused op on that backend (torch: plain PyTorch "
+    "ops);   eager reference = the naive formula with plain autograd (the dashed 1x line)",
+    "torch.compile(reference) = that formula compiled by inductor;   PEFT HiRA formula = "
+    "W + W*(s*B@A) (lowrank o=1 only)",
+    "bars: this method / the eager reference on the same row, log axis: left of 1x = faster "
+    "or less memory;   hatched = a noisy timing (median/min > %.1f here or in the eager "
+    "reference's row): do not quote it" % measure.BUSY_SPREAD,
+]
+
+
+def _noisy(r: Dict) -> bool:
+    return r["ms_median"] > measure.BUSY_SPREAD * r["ms_min"]
+
+
+def _log_ticks(ax, xs: List[float]) -> None:
+    """Ticks at 1, 2, 5 x 10^k over up to two decades, 1, 3 x 10^k up to five, 10^k
+    beyond: labelled without overlapping."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    lo, hi = min(xs + [1.0]), max(xs + [1.0])
+    decades = math.log10(hi / lo)
+    subs = (1, 2, 5) if decades <= 2 else (1, 3) if decades <= 5 else (1,)
+    ax.xaxis.set_major_locator(LogLocator(subs=subs, numticks=12))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(lo / 2.5, hi * 2.5)  # room for the value printed at a bar's end
+
+
+def figure(rows: List[Dict], run_line: str, quick: bool, caveats: Sequence[str] = ()):
     """Two panels, log axes: median time and peak memory of every method relative to the
-    eager reference, one bar per method and point, drawn from the labelled 1x line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator
+    eager reference, one labelled bar per method and row, under a header with the run's
+    mode, device and caveats and over a legend of the rows and names."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     eager = baselines.label("eager")
     points = list(dict.fromkeys(_point(r) for r in rows))
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != eager]
     by = {(_point(r), r["method"]): r for r in rows}
-    fig, axes = plt.subplots(1, 2, sharey=True, figsize=(
-        14, 2 + 0.18 * len(points) * max(1, len(methods))))
-    height = 0.8 / max(1, len(methods))
-    panels = (("ms_median", "median time / eager reference's  (< 1x: faster)"),
-              ("peak_MiB", "peak tensor memory / eager reference's  (< 1x: less)"))
-    for ax, (col, xlabel) in zip(axes, panels):
+    compiled = any(r["method"] == baselines.label("compile") for r in rows)
+    warn = ["--quick: a smoke test, not a measurement: a few cases, few repeats on CPU"
+            + ("" if compiled else ", torch.compile(reference) skipped")
+            + "; run without --quick before quoting any ratio."] if quick else []
+    warn += [c.lstrip("# ") for c in caveats]
+    header = ([(f"lie_kernels sweep, {'QUICK run (--quick)' if quick else 'full run'}: time "
+                "and peak memory relative to the eager reference", 11, "k", "bold"),
+               (run_line, 8, "k", "normal")]
+              + [(ln, 9, "firebrick", "bold") for c in warn for ln in textwrap.wrap(c, 170)])
+    footer = [(ln, 7.5, "k", "normal") for p in PLOT_LEGEND for ln in textwrap.wrap(p, 230)]
+
+    def inches(lines):
+        return sum(size * 1.45 / 72 for _, size, _, _ in lines)
+    width, body = 14.0, max(2.0, 0.16 * len(points) * max(1, len(methods)))
+    top, bottom = inches(header) + 0.5, inches(footer) + 0.95  # + panel titles, x labels
+    height = top + body + bottom
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(1, 2, sharey=True)
+    left = 0.3 + 0.055 * max(map(len, points), default=0)  # the 7 pt row labels
+    fig.subplots_adjust(left=left / width, right=0.98, top=1 - top / height,
+                        bottom=bottom / height, wspace=0.08)
+    for lines, y in ((header, height - 0.1), (footer, inches(footer) + 0.1)):
+        for text, size, color, weight in lines:
+            fig.text(0.01, y / height, text, fontsize=size, color=color, weight=weight,
+                     va="top")
+            y -= size * 1.45 / 72
+
+    bar = 0.8 / max(1, len(methods))
+    panels = (("ms_median", "median time", "median time / eager reference's  (< 1x: faster)"),
+              ("peak_MiB", "peak tensor memory",
+               "peak tensor memory / eager reference's  (< 1x: less)"))
+    for ax, (col, title, xlabel) in zip(axes, panels):
+        every = []
         for i, m in enumerate(methods):
-            ys, xs = [], []
+            ys, xs, noisy = [], [], []
             for j, p in enumerate(points):
                 r, base = by.get((p, m)), by.get((p, eager))
                 if r and base and all(isinstance(v, float) and v > 0
                                       for v in (r[col], base[col])):
-                    ys.append(j + i * height)
+                    ys.append(j + i * bar)
                     xs.append(r[col] / base[col])
-            ax.barh(ys, [x - 1 for x in xs], height, left=1, label=m, color=f"C{i}")
+                    noisy.append(col == "ms_median" and (_noisy(r) or _noisy(base)))
+            bars = ax.barh(ys, [x - 1 for x in xs], bar, left=1, color=f"C{i}")
+            for b, x, n in zip(bars, xs, noisy):
+                if n:
+                    b.set_hatch("////")
+                ax.text(x, b.get_y() + bar / 2, f" {x:.2g}x " if x < 10 else f" {x:.0f}x ",
+                        ha="left" if x >= 1 else "right", va="center", fontsize=6)
+            every += xs
         ax.axvline(1.0, color="k", lw=1, ls="--")
-        ax.text(1.0, 1.0, "1x = eager reference", transform=ax.get_xaxis_transform(),
-                ha="center", va="bottom", fontsize=8)
         ax.set_xscale("log")
-        ax.margins(x=0.08)
-        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-        ax.set_xlabel(xlabel)
-    axes[0].set_yticks([j + 0.4 - height / 2 for j in range(len(points))])
+        _log_ticks(ax, every)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    axes[0].set_yticks([j + 0.4 - bar / 2 for j in range(len(points))])
     axes[0].set_yticklabels(points, fontsize=7)
     axes[0].invert_yaxis()
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center",
-               ncol=max(1, len(methods)), fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    # own patches: a method's first bar may be hatched, and a legend copies that
+    handles = [Patch(color=f"C{i}", label=m) for i, m in enumerate(methods)]
+    handles.append(Patch(facecolor="white", edgecolor="k", hatch="////",
+                         label=f"noisy timing (median/min > {measure.BUSY_SPREAD})"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
+               bbox_to_anchor=(0.5, (inches(footer) + 0.15) / height), frameon=False)
+    return fig
+
+
+def plot(rows: List[Dict], path: str, run_line: str, quick: bool,
+         caveats: Sequence[str] = ()) -> None:
+    """Write :func:`figure` as a PNG."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figure(rows, run_line, quick, caveats).savefig(path, dpi=110)

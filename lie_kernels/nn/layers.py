@@ -11,17 +11,22 @@ Initialisation makes ``W' == W`` bitwise: the core (or ``b``) starts at zero.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import struct
+import threading
 import weakref
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .._validate import check_backend, check_order, check_scale, check_weight
+from ..backends import check_backend
+from ..validation import check_order, check_scale, check_weight
 from ..functional import lie_weight, lie_weight_lowrank
-from ..layer_ops import conv_geometry, lie_layer
+from ..ops import conv_geometry, lie_layer
+from ..order import decode_order, encode_order
+from ..quant import QuantizedWeight, bnb_linear, layer_weight
 from ..series import compute_dtype, divide_out, exp_series, multiply_in
 from ..reference import tucker_einsum
 from ..tucker import tucker_to_gemm
@@ -31,6 +36,17 @@ PARAMETRIZATIONS = ("tucker", "lowrank")
 #: its entry's weight *is* its own, so a reused id never matches). Kept off the
 #: Parameter itself, which must stay picklable.
 _MERGED_INTO: "weakref.WeakValueDictionary[int, LieLayer]" = weakref.WeakValueDictionary()
+#: per thread: Lie layer -> [exposure depth, W' once read] (see ``LieLayer.expose``). Per
+#: thread, so that one thread's forward can neither see nor end another thread's exposure.
+_EXPOSED = threading.local()
+
+
+def _exposed() -> dict:
+    try:
+        return _EXPOSED.layers
+    except AttributeError:
+        _EXPOSED.layers = {}
+        return _EXPOSED.layers
 
 
 def _ranks(rank, shape: Sequence[int], parametrization: str):
@@ -70,7 +86,7 @@ class LieLayer(nn.Module):
         if not isinstance(base, self.base_type):
             raise TypeError(f"{type(self).__name__} wraps an nn.{self.base_type.__name__}, "
                             f"got {type(base).__name__}")
-        if type(base).forward is not self.base_type.forward:
+        if type(base).forward is not self.base_type.forward and not bnb_linear(base):
             raise TypeError(f"{type(self).__name__} wraps an nn.{self.base_type.__name__}, "
                             f"got {type(base).__name__}, a subclass with its own forward "
                             f"that the Lie layer would bypass")
@@ -83,26 +99,31 @@ class LieLayer(nn.Module):
         if parametrization not in PARAMETRIZATIONS:
             raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, "
                              f"got {parametrization!r}")
-        check_weight(base.weight, "base.weight")
-        self.base = base
-        self.parametrization = parametrization
+        w = check_weight(layer_weight(base), "base.weight")
         self.order = check_order(order)
-        self.backend = backend
-        w = base.weight
-        w.requires_grad_(False)
-        if base.bias is not None:
-            base.bias.requires_grad_(False)
         self.ranks = _ranks(rank, w.shape, parametrization)
         r = self.ranks if isinstance(self.ranks, int) else self.ranks[0]
         if scale is not None and alpha is not None:
             raise ValueError("give alpha (scale = alpha / rank) or scale, not both")
         if alpha is not None:
             alpha = check_scale(alpha, "alpha")
-        self.scale = check_scale(scale if scale is not None else
-                                 (alpha / r if alpha is not None else 1.0))
+            try:
+                self.scale = check_scale(alpha / r, dtype=w.dtype)
+            except ValueError as exc:
+                raise ValueError(f"alpha={alpha!r} gives scale = alpha / rank = {alpha / r!r}; "
+                                 f"{exc}") from None
+        else:
+            self.scale = check_scale(1.0 if scale is None else scale, dtype=w.dtype)
+        # every check passed: only now touch the wrapped layer
+        self.base = base
+        self.parametrization = parametrization
+        self.backend = backend
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
         kw = dict(dtype=w.dtype, device=w.device)
         if parametrization == "lowrank":
-            self.lie_a = nn.Parameter(torch.empty(self.ranks, w[0].numel(), **kw))
+            self.lie_a = nn.Parameter(torch.empty(self.ranks, math.prod(w.shape[1:]), **kw))
             nn.init.kaiming_uniform_(self.lie_a, a=5 ** 0.5)
             self.lie_b = nn.Parameter(torch.zeros(w.shape[0], self.ranks, **kw))
         else:
@@ -131,11 +152,29 @@ class LieLayer(nn.Module):
     # registered, so the state_dict holds W once, under ``base.weight``.
     @property
     def weight(self) -> Tensor:
-        """The wrapped layer's W (frozen; ``W'`` once merged). While a parent that reads
-        ``.weight`` instead of calling this layer runs (``nn.MultiheadAttention`` and its
-        ``out_proj``, hooked by ``inject``), this is the adapted ``W'``."""
-        exposed = self.__dict__.get("_exposed_weight")
-        return self.base.weight if exposed is None else exposed
+        """The wrapped layer's W (frozen; ``W'`` once merged). While this thread runs a
+        parent that reads ``.weight`` instead of calling this layer (``nn.MultiheadAttention``
+        and its ``out_proj``, hooked by ``inject``; see ``expose``), this is ``W'``."""
+        slot = None if self._merged else _exposed().get(self)
+        if slot is None:
+            return self.base.weight
+        if slot[1] is None:  # built on first read: a path that only calls the layer pays nothing
+            slot[1] = self.prebuilt if self.prebuilt is not None else self.adapted_weight()
+        return slot[1]
+
+    def expose(self) -> None:
+        """Make ``.weight`` read ``W'`` (differentiable) in this thread until the matching
+        ``conceal``; calls nest. For a parent module whose forward reads the weight."""
+        _exposed().setdefault(self, [0, None])[0] += 1
+
+    def conceal(self) -> None:
+        """Undo one ``expose`` of this thread."""
+        exposed = _exposed()
+        slot = exposed.get(self)
+        if slot is not None:
+            slot[0] -= 1
+            if slot[0] <= 0:
+                del exposed[self]
 
     @property
     def bias(self) -> Optional[Tensor]:
@@ -156,7 +195,7 @@ class LieLayer(nn.Module):
     def _config_code(self) -> Tensor:
         """``[[order (-1: exact), bits of the fp64 scale, parametrization index]]``; one
         2-D row so PEFT's save check (1-D ``lora_*`` tensors = ungathered shards) is quiet."""
-        return torch.tensor([[-1 if self.order is None else self.order,
+        return torch.tensor([[encode_order(self.order),
                               struct.unpack("<q", struct.pack("<d", self.scale))[0],
                               PARAMETRIZATIONS.index(self.parametrization)]], dtype=torch.int64)
 
@@ -164,7 +203,7 @@ class LieLayer(nn.Module):
     def _describe(code) -> str:
         order, bits, par = (int(c) for c in code.flatten())
         scale = struct.unpack("<d", struct.pack("<q", bits))[0]
-        return (f"order={None if order == -1 else order}, scale={scale!r}, "
+        return (f"order={decode_order(order)}, scale={scale!r}, "
                 f"parametrization={PARAMETRIZATIONS[par]!r}")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -192,20 +231,33 @@ class LieLayer(nn.Module):
         if self._merged:
             _MERGED_INTO[id(self.base.weight)] = self
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the wrapped layer keeps W in 4 or 8 bits (a bitsandbytes Linear): the
+        Lie layer then reads ``deq(W)`` from the packed weight (``lie_kernels.quant``)."""
+        return bnb_linear(self.base)
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        """W's logical shape (a packed 4-bit weight's tensor has another)."""
+        return layer_weight(self.base).shape if self.quantized else self.base.weight.shape
+
     def factors(self):
-        return [getattr(self, f"lie_u{n}") for n in range(self.base.weight.dim())]
+        return [getattr(self, f"lie_u{n}") for n in range(len(self.weight_shape))]
 
     def adapted_weight(self) -> Tensor:
-        """``W ⊙ exp_K(scale · Δ)`` (differentiable in the factors)."""
-        w = self.base.weight
+        """``W ⊙ exp_K(scale · Δ)`` (differentiable in the factors; ``deq(W)`` for a
+        quantized base, in its compute dtype)."""
+        w = layer_weight(self.base)
         kw = dict(order=self.order, scale=self.scale, backend=self.backend)
         if self.parametrization == "lowrank":
             return lie_weight_lowrank(w, self.lie_a, self.lie_b, **kw)
         return lie_weight(w, self.lie_core, self.factors(), **kw)
 
     def gemm_args(self) -> Tuple[Tensor, Tensor, Tensor]:
-        """``(W, u, p)`` with ``Δ_(1) = u @ p``: what the fused op consumes."""
-        w = self.base.weight
+        """``(W, u, p)`` with ``Δ_(1) = u @ p``: what the fused op consumes (W a
+        ``QuantizedWeight`` for a quantized base)."""
+        w = layer_weight(self.base)
         if self.parametrization == "lowrank":
             return w, self.lie_b, self.lie_a
         return (w, *tucker_to_gemm(w, self.lie_core, self.factors()))
@@ -217,7 +269,7 @@ class LieLayer(nn.Module):
         def cast(t):
             return t if t is None or dtype is None else t.to(dtype)
         if self.parametrization == "lowrank":
-            return (cast(self.lie_b) @ cast(self.lie_a)).view(self.base.weight.shape)
+            return (cast(self.lie_b) @ cast(self.lie_a)).view(self.weight_shape)
         return tucker_einsum(cast(self.lie_core), [cast(f) for f in self.factors()])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -228,9 +280,10 @@ class LieLayer(nn.Module):
         return self.lie_forward(x)
 
     def lie_forward(self, x: Tensor) -> Tensor:
-        """``y = layer(x; W')`` as one autograd node (``layer_ops``): W' is rebuilt in
+        """``y = layer(x; W')`` as one autograd node (``ops.layer``): W' is rebuilt in
         backward instead of being kept alive from forward to backward."""
-        raise NotImplementedError
+        w, u, p = self.gemm_args()
+        return lie_base_forward(self.base, x, w, u, p, self.order, self.scale, self.backend)
 
     def _apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         raise NotImplementedError
@@ -251,6 +304,13 @@ class LieLayer(nn.Module):
         """
         if self.merged:
             raise RuntimeError(f"{type(self).__name__} is already merged")
+        if self.quantized:
+            raise RuntimeError(
+                f"cannot merge {type(self).__name__}: its base keeps W in "
+                f"{layer_weight(self.base).kind}, and W ⊙ exp_K(scale·Δ) requantised is no "
+                f"longer exactly invertible; lk.unload(model, quantized='dequantize') gives a "
+                f"dense layer holding W' exactly, quantized='requantize' a "
+                f"{type(self.base).__name__} holding it requantised (lossy)")
         w = self.base.weight
         owner = _MERGED_INTO.get(id(w))
         if owner is not None and owner is not self and owner.merged and owner.base.weight is w:
@@ -308,26 +368,38 @@ class LieLayer(nn.Module):
                 f"order={self.order}, scale={self.scale:g}, merged={self.merged}")
 
 
+def lie_base_forward(base: nn.Module, x: Tensor, weight, u: Tensor, p: Tensor,
+                     order: Optional[int], scale: float, backend: str) -> Tensor:
+    """``base(x)`` with ``W' = weight ⊙ exp_K(scale · (u @ p).view(W.shape))`` in place of
+    its W (``weight``: ``quant.layer_weight(base)``), as one autograd node: a Linear, a
+    Conv1d/2d/3d (its padding mode and unbatched inputs as its own forward does), or a
+    bitsandbytes Linear (x and bias in its compute dtype, y back in x's, as its own
+    forward does). What the Lie layers and the PEFT integration run."""
+    if isinstance(weight, QuantizedWeight):
+        bias = None if base.bias is None else base.bias.to(weight.dtype)
+        return lie_layer(x.to(weight.dtype), weight, bias, u, p, order, scale,
+                         backend).to(x.dtype)
+    if isinstance(base, nn.Linear):
+        return lie_layer(x, weight, base.bias, u, p, order, scale, backend)
+    xp, geometry, unbatched = conv_geometry(base, x)
+    y = lie_layer(xp, weight, base.bias, u, p, order, scale, backend, geometry)
+    return y.squeeze(0) if unbatched else y
+
+
 class LieLinear(LieLayer):
     base_type = nn.Linear
     default_parametrization = "lowrank"
 
-    def lie_forward(self, x):
-        w, u, p = self.gemm_args()
-        return lie_layer(x, w, self.base.bias, u, p, self.order, self.scale, self.backend)
-
     def _apply_weight(self, x, weight):
-        return nn.functional.linear(x, weight, self.base.bias)
+        bias = self.base.bias
+        if self.quantized:
+            return nn.functional.linear(x.to(weight.dtype), weight,
+                                        None if bias is None else bias.to(weight.dtype)
+                                        ).to(x.dtype)
+        return nn.functional.linear(x, weight, bias)
 
 
 class _LieConv(LieLayer):
-    def lie_forward(self, x):
-        w, u, p = self.gemm_args()
-        xp, geometry, unbatched = conv_geometry(self.base, x)
-        y = lie_layer(xp, w, self.base.bias, u, p, self.order, self.scale, self.backend,
-                      geometry)
-        return y.squeeze(0) if unbatched else y
-
     def _apply_weight(self, x, weight):
         return self.base._conv_forward(x, weight, self.base.bias)
 
@@ -357,7 +429,11 @@ def lie_type_for(module: nn.Module) -> Optional[type]:
     calls the base computation with ``W'``, so a subclass with its own forward (timm's
     ``Conv2dSame``, ``StdConv2d``) would be silently bypassed and does not qualify.
     ConvTranspose layers are not Conv subclasses and do not qualify either.
+    bitsandbytes' ``Linear4bit``/``Linear8bitLt`` qualify: the Lie layer reads their
+    packed weight and computes as their forward does (``lie_kernels.quant``).
     """
+    if bnb_linear(module):
+        return LieLinear
     for base_type, lie_type in LAYER_TYPES.items():
         if isinstance(module, base_type) and type(module).forward is base_type.forward:
             return lie_type

@@ -1,6 +1,6 @@
 """Build the CUDA extension (``csrc/``) when the package was installed without it.
 
-``python -m lie_kernels._cuda_build`` (or ``build()``) compiles the torch-free
+``python -m lie_kernels.cuda_build`` (or ``build()``) compiles the torch-free
 kernels with nvcc (``-Xptxas -v``: the register/spill report is saved beside the
 object), then JIT-links the torch binding with ``torch.utils.cpp_extension.load``.
 Everything lands in ``LIE_KERNELS_BUILD_DIR`` (default ``~/.cache/lie_kernels``)

@@ -127,7 +127,8 @@ def _check(c, backend, device="cpu", rounds_operands=False):
         out = lk.lie_weight(w, fs[0], fs[1:], **kw)
     assert out.dtype == dt and out.shape == w.shape
     g = torch.randn(w.shape, dtype=torch.float64,
-                    generator=torch.Generator().manual_seed(c["seed"] + 1)).to(dtype=dt, device=device)
+                    generator=torch.Generator().manual_seed(c["seed"] + 1)
+                    ).to(dtype=dt, device=device)
     out.backward(g)
     inputs = [t for t in [w, *fs] if t is not None and t.requires_grad]
     got = [out] + [t.grad for t in inputs]

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .backends import get_backend, select_backend
+from ..backends import get_backend, select_backend
 
 
 class _ManyLieGemm(torch.autograd.Function):

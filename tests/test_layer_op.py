@@ -2,6 +2,7 @@
 (weight op, then conv/linear) and as float64 autograd, no W-sized tensor saved for backward,
 the size switch on both sides, torch.compile without graph breaks, patch_hira on it."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import lie_kernels as lk
-from lie_kernels import layer_ops, ops
+from lie_kernels.ops import layer as layer_ops, weight as weight_op
 from lie_kernels.backends import get_backend
 from lie_kernels.reference import lie_weight_lowrank_ref, lie_weight_ref
 
@@ -308,13 +309,13 @@ def test_fp16_linear_on_triton_fuses_the_weight_gradient(fuse_all, monkeypatch):
     """A 16-bit LieLinear on Triton takes its weight gradient inside the fused Linear
     backward (dL/dW' = g_yᵀx never formed) and agrees with the two-node path."""
     from lie_kernels.backends import triton_backend
-    launches, real = [], triton_backend.K.lie_linear_bwd_kernel
+    launches, real = [], triton_backend.kernels.lie_linear_bwd_kernel
 
     class Spy:
         def __getitem__(self, grid):
             launches.append(grid)
             return real[grid]
-    monkeypatch.setattr(triton_backend.K, "lie_linear_bwd_kernel", Spy())
+    monkeypatch.setattr(triton_backend.kernels, "lie_linear_bwd_kernel", Spy())
     torch.manual_seed(0)
     layer = lk.nn.LieLinear(nn.Linear(40, 24).half(), rank=4, order=2, scale=0.7,
                             backend="triton")
@@ -770,8 +771,36 @@ def test_weight_op_backward_inside_autocast_stays_fp32(order):
     g = torch.randn_like(w)
     grads = []
     for autocast in (False, True):
-        out = ops.apply(w, u, p, order, 0.7, "torch")
+        out = weight_op.apply(w, u, p, order, 0.7, "torch")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             grads.append(torch.autograd.grad(out, [u, p], g))
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("c_in, c_out, px", [(258, 777, 3), (300, 400, 2), (130, 520, 3)])
+def test_fresh_conv_layer_and_the_wrapped_layer(c_in, c_out, px):
+    """At init W' is W bitwise, so a fresh layer computes what the wrapped layer computes:
+    bitwise where the conv runs whole; on the CPU slices (a big groups-1 W on small maps)
+    each slice convolves W's own rows bitwise, and the whole differs from one conv only by
+    the conv's summation order (ATen picks it by channel count): within fp32 rounding, as
+    docs/numerics.md states."""
+    torch.manual_seed(c_out)
+    base = nn.Conv2d(c_in, c_out, 3, padding=1)
+    layer = lk.nn.LieConv2d(copy.deepcopy(base), rank=4)
+    x = torch.randn(2, c_in, px, px)
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    slices = layer_ops._slices(x, base.weight, get_backend("torch"), geometry)
+    assert len(slices) > 1  # these shapes take the sliced route
+    with torch.no_grad():
+        got, want = layer(x), base(x)
+        for r0, n in slices:  # each slice: W's rows, bitwise
+            part = F.conv2d(x, base.weight[r0:r0 + n], base.bias[r0:r0 + n], padding=1)
+            assert torch.equal(got[:, r0:r0 + n], part)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        big = torch.randn(2, c_in, 16, 16)  # N·L > C_out/4: one conv, bitwise the base's
+        assert len(layer_ops._slices(big, base.weight, get_backend("torch"), geometry)) == 1
+        assert torch.equal(layer(big), base(big))
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "numerics.md").read_text()
+    identity = doc[doc.index("## inf and NaN"):]
+    assert "slice" in identity[:identity.index("```")]  # the promise names its exception

@@ -1,4 +1,4 @@
-"""Static health rows of the ``csrc/`` kernels, in ``lie_kernels.kernel_report``'s schema.
+"""Static health rows of the ``csrc/`` kernels, in ``dev/sass.py``'s schema.
 
 ``rows(archs)`` compiles the torch-free kernels with nvcc for those archs (cached
 in ``<LIE_KERNELS_BUILD_DIR>/report_sm<archs>/``; about 15 s per arch on 2 cores),
@@ -23,7 +23,9 @@ import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List
 
-from .. import _cuda_build, kernel_report as kr
+from lie_kernels import cuda_build
+
+from dev import sass
 
 THREADS = 256  # csrc/lie_kernels.cu: kThreads
 RANK_PAD = 32  # csrc/lie_launch.h: kMaxRank
@@ -52,17 +54,17 @@ def split_sass(text: str) -> Dict[str, str]:
 def object_for(archs: Iterable[int]) -> Path:
     """The nvcc object of the kernels for ``archs``, compiled unless cached and fresh."""
     archs = sorted(set(archs))
-    out = _cuda_build.build_dir() / ("report_sm" + "_".join(map(str, archs)))
+    out = cuda_build.build_dir() / ("report_sm" + "_".join(map(str, archs)))
     out.mkdir(parents=True, exist_ok=True)
     obj = out / "lie_kernels.o"
-    if not obj.exists() or obj.stat().st_mtime < _cuda_build.sources_mtime():
-        obj = _cuda_build.compile_kernels(out, archs)
+    if not obj.exists() or obj.stat().st_mtime < cuda_build.sources_mtime():
+        obj = cuda_build.compile_kernels(out, archs)
     return obj
 
 
 def cubins(obj: Path, workdir: Path) -> Dict[int, Path]:
     """``{arch: cubin}`` extracted from a fat nvcc object."""
-    subprocess.run([kr.tool("cuobjdump"), "-xelf", "all", str(obj)], cwd=workdir, check=True,
+    subprocess.run([sass.tool("cuobjdump"), "-xelf", "all", str(obj)], cwd=workdir, check=True,
                    capture_output=True)
     found = {}
     for f in workdir.glob("*.cubin"):
@@ -77,18 +79,18 @@ def rows_from_object(obj: Path) -> List[dict]:
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch, cubin in sorted(cubins(obj, Path(tmp)).items()):
-            usage, code = kr.resource_usage(cubin), split_sass(kr.sass(cubin))
+            usage, code = sass.resource_usage(cubin), split_sass(sass.sass(cubin))
             for fn, u in sorted(usage.items()):
                 inst = instance(fn)
                 if inst is None:
                     continue
                 kind, dtype, order = inst
-                feats = kr.sass_features(code.get(fn, ""))
+                feats = sass.sass_features(code.get(fn, ""))
                 out.append(dict(
                     kernel=f"cuda {kind}", arch=arch, dtype=dtype, order=order,
                     rank_pad=RANK_PAD, num_warps=THREADS // 32, regs=u["regs"],
                     stack_bytes=u["stack"], spill=feats["spill"], smem_bytes=u["smem"],
-                    blocks_per_sm=kr.blocks_per_sm(u["regs"], THREADS, u["smem"], arch),
+                    blocks_per_sm=sass.blocks_per_sm(u["regs"], THREADS, u["smem"], arch),
                     ldg128=feats["ldg128"], stg128=feats["stg128"], mma=feats["mma"],
                     red=feats["red"],
                     contract=CONTRACTS[kind]))
@@ -98,7 +100,7 @@ def rows_from_object(obj: Path) -> List[dict]:
 def rows(archs: Iterable[int]) -> List[dict]:
     """Rows for every csrc kernel instance on ``archs`` (empty, with a warning, when
     nvcc is missing: the CUDA rows then cannot be produced on this machine)."""
-    if _cuda_build.cuda_home() is None:
+    if cuda_build.cuda_home() is None:
         warnings.warn("nvcc not found: no rows for the CUDA kernels (set CUDA_HOME)")
         return []
     return rows_from_object(object_for(archs))

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import lie_kernels as lk
-from lie_kernels.multi import lie_gemm_many
+from lie_kernels.ops import lie_gemm_many
 
 from conftest import backend_cases
 from helpers import rel_err

@@ -1,6 +1,6 @@
 """A whole Lie layer as one autograd node: ``y = conv/linear(x, W')``, ``W' = W ⊙ exp_K(s·u@p)``.
 
-Chaining the weight op (``ops.py``) with ``F.conv2d``/``F.linear`` makes the
+Chaining the weight op (``ops/weight.py``) with ``F.conv2d``/``F.linear`` makes the
 conv/linear node save W' for its input gradient: one W-sized tensor per adapted
 layer stays alive from forward to backward. Here the layer is one node that
 saves what the frozen base layer needs (x) plus W and the factors::
@@ -28,7 +28,7 @@ Recomputing W' costs one more fused forward per layer; for layers below
 ``FUSE_MIN_NUMEL`` weight elements that is not worth the few KiB it saves, and
 ``lie_layer`` chains the weight op with the plain conv/linear instead.
 
-As in ``ops.py``: ``torch.compile`` sees ``lie_kernels::lie_linear`` /
+As in ``ops/weight.py``: ``torch.compile`` sees ``lie_kernels::lie_linear`` /
 ``lie_kernels::lie_conv`` (custom ops with fakes and an autograd formula, no
 graph breaks); eager mode runs the same math through a lean autograd.Function.
 """
@@ -40,11 +40,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from . import ops
-from .backends import Backend
-from .backends.base import row_slice, row_slices
-from .ops import (DOUBLE_BACKWARD, EXACT, FORWARD_AD, _backend, _no_double_backward, _order,
-                  without_autocast)
+from ..backends import Backend, select_backend
+from ..backends.base import row_slice, row_slices
+from ..order import decode_order, encode_order
+from ..quant import QuantizedWeight
+from . import weight as weight_op
+from .common import (FORWARD_AD, check_no_double_backward, no_double_backward,
+                     resolve_backend, without_autocast)
 
 #: Weights with fewer elements take the two-node path (W' saved by conv/linear).
 #: Rebuilding W' in backward costs one more backend forward per layer, a fixed few
@@ -92,7 +94,7 @@ def _in_format(t: Tensor, x: Tensor) -> Tensor:
 
 def _forward(x, weight, bias, u, p, order, scale, be: Backend, conv):
     """``y``; ``conv`` is ``(stride, padding, dilation, groups)`` or None for Linear."""
-    k = _order(order)
+    k = decode_order(order)
     if conv is None:
         return F.linear(x, be.forward_transient(weight, u, p, k, scale), bias)
     y = None
@@ -118,7 +120,7 @@ def _backward(grad_y, x, weight, u, p, order, scale, be: Backend, conv,
 
 def _backward_math(grad_y, x, weight, u, p, order, scale, be: Backend, conv,
                    need_x: bool, need_w: bool, need_b: bool, need_lie: bool):
-    k = _order(order)
+    k = decode_order(order)
     gx = gb = gw = du = dp = None
     if conv is None:
         g2, x2 = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
@@ -162,7 +164,7 @@ def _empty_or(t: Optional[Tensor], like: Tensor) -> Tensor:
 @torch.library.custom_op("lie_kernels::lie_linear", mutates_args=())
 def lie_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], u: Tensor, p: Tensor,
                order: int, scale: float, backend: str) -> Tensor:
-    be = _backend(backend, weight, u, p, order)
+    be = resolve_backend(backend, weight, u, p, order)
     return _forward(x, weight, bias, u, p, order, scale, be, None)
 
 
@@ -175,7 +177,7 @@ def _(x, weight, bias, u, p, order, scale, backend):
 def lie_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], u: Tensor, p: Tensor,
              order: int, scale: float, backend: str, stride: List[int], padding: List[int],
              dilation: List[int], groups: int) -> Tensor:
-    be = _backend(backend, weight, u, p, order)
+    be = resolve_backend(backend, weight, u, p, order)
     return _forward(x, weight, bias, u, p, order, scale, be, (stride, padding, dilation, groups))
 
 
@@ -191,7 +193,7 @@ _BWD_RESULT = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 def lie_linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, u: Tensor, p: Tensor,
                         order: int, scale: float, backend: str, needs: List[bool]
                         ) -> _BWD_RESULT:
-    be = _backend(backend, weight, u, p, order)
+    be = resolve_backend(backend, weight, u, p, order)
     out = _backward(grad_y, x, weight, u, p, order, scale, be, None, *needs)
     return tuple(_empty_or(t, x) for t in out)
 
@@ -201,7 +203,7 @@ def lie_conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, u: Tensor, p: T
                       order: int, scale: float, backend: str, stride: List[int],
                       padding: List[int], dilation: List[int], groups: int, needs: List[bool]
                       ) -> _BWD_RESULT:
-    be = _backend(backend, weight, u, p, order)
+    be = resolve_backend(backend, weight, u, p, order)
     out = _backward(grad_y, x, weight, u, p, order, scale, be,
                     (stride, padding, dilation, groups), *needs)
     return tuple(_empty_or(t, x) for t in out)
@@ -240,8 +242,7 @@ def _grads(ctx, out):
 
 
 def _op_backward(ctx, grad_y):
-    if torch.is_grad_enabled():  # create_graph=True
-        raise NotImplementedError(DOUBLE_BACKWARD)
+    check_no_double_backward()
     x, weight, u, p = ctx.saved_tensors
     needs = list(_needs(ctx.needs_input_grad))
     if ctx.conv:
@@ -256,22 +257,24 @@ def _op_backward(ctx, grad_y):
 for _op in (lie_linear, lie_conv):
     _op.register_autograd(_op_backward, setup_context=_setup_context)
 for _op in (lie_linear_backward, lie_conv_backward):
-    _op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+    _op.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 # -- eager: the same math without the dispatcher ---------------------------------------
 class _EagerLieLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, u, p, order, scale, be: Backend, conv):
-        ctx.save_for_backward(x, weight, u, p)
+        # a quantized W is frozen and no tensor: it rides on ctx (save_for_backward None)
+        ctx.quantized = weight if isinstance(weight, QuantizedWeight) else None
+        ctx.save_for_backward(x, None if ctx.quantized else weight, u, p)
         ctx.order, ctx.scale, ctx.be, ctx.conv = order, scale, be, conv
         return _forward(x, weight, bias, u, p, order, scale, be, conv)
 
     @staticmethod
     def backward(ctx, grad_y):
-        if torch.is_grad_enabled():  # create_graph=True
-            raise NotImplementedError(DOUBLE_BACKWARD)
+        check_no_double_backward()
         x, weight, u, p = ctx.saved_tensors
+        weight = ctx.quantized or weight
         needs = _needs(ctx.needs_input_grad)
         out = _backward(grad_y, x, weight, u, p, ctx.order, ctx.scale, ctx.be, ctx.conv,
                         *needs)
@@ -303,19 +306,30 @@ def lie_layer(x: Tensor, weight: Tensor, bias: Optional[Tensor], u: Tensor, p: T
     Linear. ``x`` is batched. Small weights (see ``FUSE_MIN_NUMEL``) run the weight
     op and the plain conv/linear as two nodes.
     """
-    code = EXACT if order is None else order
+    code = encode_order(order)
     if not fusable(x, weight):
-        w1 = ops.apply(weight, u, p, order, scale, backend)
+        w1 = weight_op.apply(weight, u, p, order, scale, backend)
         return F.linear(x, w1, bias) if conv is None else _conv(x, w1, bias, *conv)
+    if isinstance(weight, QuantizedWeight):
+        return _quantized_layer(x, weight, bias, u, p, code, scale, backend)
     if torch.compiler.is_compiling():
         if conv is None:
             return lie_linear(x, weight, bias, u, p, code, scale, backend)
         stride, padding, dilation, groups = conv
         return lie_conv(x, weight, bias, u, p, code, scale, backend, list(stride),
                         list(padding), list(dilation), groups)
-    be = ops.select_backend(backend, weight, u, p, order)
+    be = select_backend(backend, weight, u, p, order)
     return _EagerLieLayer.apply(x, weight, bias, u, p, code, scale, be,
                                 None if conv is None else tuple(conv))
+
+
+@torch.compiler.disable
+def _quantized_layer(x, weight: QuantizedWeight, bias, u, p, code: int, scale: float,
+                     backend: str) -> Tensor:
+    """A Linear layer on a quantized W: the eager node (the custom ops' schemas take a
+    dense W only), also inside a compiled region (a graph break)."""
+    be = select_backend(backend, weight, u, p, decode_order(code))
+    return _EagerLieLayer.apply(x, weight, bias, u, p, code, scale, be, None)
 
 
 def conv_geometry(conv: torch.nn.modules.conv._ConvNd, x: Tensor

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lie_kernels as lk
-from lie_kernels.backends import get_backend, select_backend, triton_backend
+from lie_kernels.backends import get_backend, select_backend, triton_backend, triton_configs
 
 from helpers import Allocations, lowrank_inputs, ref_lowrank, rel_err
 
@@ -142,7 +142,7 @@ def test_backward_scratch_is_what_the_plan_says(monkeypatch, deterministic, fact
     with Allocations() as seen:
         _, du, dp = backward(torch.randn_like(w), w, u, p, 2, 0.5, False)
     cfg = (triton_backend._interp_config(n, n) if DEVICE == "cpu"
-           else triton_backend.bwd_config(16, "fp16", factors == torch.float32))
+           else triton_configs.config("bwd", "fp16", 16, factors == torch.float32))
     plan = triton_backend.bwd_plan(n, n, cfg, atomic=not deterministic)
     scratch, zeroed = plan.scratch_floats(n, n, 16), plan.zeroed_floats(n, n, 16)
     assert taken == [zeroed] * 2 and stored == ([scratch - zeroed] * 2 if deterministic else [])
@@ -228,7 +228,7 @@ def test_workspace_is_zeroed_again_after_a_failed_call(monkeypatch):
     u, p = 0.1 * torch.randn(64, 8, device=DEVICE).half(), \
         0.1 * torch.randn(8, 80, device=DEVICE).half()
     g = torch.randn_like(w)
-    monkeypatch.setattr(triton_backend.K, "lie_reduce_kernel", _FailingLaunch())
+    monkeypatch.setattr(triton_backend.kernels, "lie_reduce_kernel", _FailingLaunch())
     with pytest.raises(RuntimeError, match="launch failed"):
         triton_backend.BACKEND.backward(g, w, u, p, 3, 0.5, False)
     monkeypatch.undo()
@@ -274,10 +274,10 @@ def test_channels_last_runs_in_place(monkeypatch, order):
     a = (torch.randn(4, 45, device=DEVICE) * 0.3).requires_grad_()
     b = (torch.randn(6, 4, device=DEVICE) * 0.3).requires_grad_()
     w.requires_grad_()
-    fwd = _Spy(triton_backend.K.lie_fwd_kernel)
-    bwd = _Spy(triton_backend.K.lie_bwd_kernel)
-    monkeypatch.setattr(triton_backend.K, "lie_fwd_kernel", fwd)
-    monkeypatch.setattr(triton_backend.K, "lie_bwd_kernel", bwd)
+    fwd = _Spy(triton_backend.kernels.lie_fwd_kernel)
+    bwd = _Spy(triton_backend.kernels.lie_bwd_kernel)
+    monkeypatch.setattr(triton_backend.kernels, "lie_fwd_kernel", fwd)
+    monkeypatch.setattr(triton_backend.kernels, "lie_bwd_kernel", bwd)
     out = lk.lie_weight_lowrank(w, a, b, order=order, scale=0.5, backend="triton")
     assert out.is_contiguous(memory_format=torch.channels_last)
     g = torch.randn_like(out)  # channels_last like out
@@ -348,7 +348,7 @@ def test_fused_linear_backward_matches_fp64(monkeypatch, order, factors, need_dw
     of every axis, program groups of 2 row tiles (3 row tiles: the last group is
     short) and a non-contiguous x. The fused kernel must be what runs."""
     monkeypatch.setattr(triton_backend, "_interp_linear_config",
-                        lambda rows, cols, n: triton_backend.LinearConfig(32, 32, 16, 4, 1))
+                        lambda rows, cols, n: triton_configs.Config(32, 32, 4, 1, block_n=16))
     monkeypatch.setattr(triton_backend, "LINEAR_GROUP", 2)
     monkeypatch.setattr(triton_backend.Backend, "linear_backward", None)  # no fallback
     n, c_out, c_in, r = 77, 70, 90, 6
@@ -444,11 +444,11 @@ def test_compiled_backward_returns_gradients_that_share_no_memory(wdt):
     """The backward custom op may not return du and dp as views of one buffer (it did
     with fp32 factors, and torch.compile refused the graph): compile the fused op on
     Triton and backpropagate, for the weight op and for a fused Linear layer."""
-    from lie_kernels import ops
+    from lie_kernels.ops import weight as weight_op
     w = torch.randn(32, 48, device=DEVICE).to(wdt)
     u = torch.randn(32, 4, device=DEVICE, requires_grad=True)
     p = torch.randn(4, 48, device=DEVICE, requires_grad=True)
-    f = torch.compile(lambda w, u, p: ops.apply(w, u, p, 2, 0.5, "triton"),
+    f = torch.compile(lambda w, u, p: weight_op.apply(w, u, p, 2, 0.5, "triton"),
                       backend="aot_eager", fullgraph=True)
     f(w, u, p).float().sum().backward()
     ref, (_, rp, ru) = ref_lowrank(w, p, u, 2, 0.5)

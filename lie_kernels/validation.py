@@ -11,12 +11,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .order import MAX_ORDER
+from .quant import QuantizedWeight
+
 MIN_WEIGHT_DIM, MAX_WEIGHT_DIM = 2, 5
-#: Highest finite series order. The terms past order K sum to at most
-#: |x|^(K+1)/(K+1)! / (1 - |x|/(K+2)); at K = 64 that is < 1e-32 for |x| <= 8 and
-#: < 7e-7 for |x| <= 20 (under 2e-15 of e^x for x > 0): order 64 already is the exact
-#: exp at working precision, so higher orders only cost time (order=None is exact).
-MAX_ORDER = 64
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float64, torch.float32, *LOW_PRECISION)
 
 
 def check_order(order) -> Optional[int]:
@@ -31,17 +31,39 @@ def check_order(order) -> Optional[int]:
     return int(order)
 
 
-def check_scale(scale, name: str = "scale") -> float:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Series math runs in fp64 for fp64 inputs and in fp32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_scale(scale, name: str = "scale", dtype: Optional[torch.dtype] = None) -> float:
+    """A finite real number; with W's ``dtype``, also one the compute dtype can hold
+    (fp32 for fp32/fp16/bf16 W: torch refuses to turn a larger one into a scalar)."""
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(scale).__name__} {scale!r}")
     if not math.isfinite(scale):
         raise ValueError(f"{name} must be a finite real number, got {scale!r}")
+    if dtype is not None:
+        cd = compute_dtype(dtype)
+        bound = torch.finfo(cd).max
+        if abs(scale) > bound:
+            raise ValueError(f"{name} must be at most {bound:g} in magnitude (the largest "
+                             f"finite {cd}, the compute dtype of {dtype} weights), got "
+                             f"{scale!r}")
     return float(scale)
 
 
 def check_weight(weight, name: str = "weight") -> Tensor:
+    """A dense floating-point W of 2 to 5 dims, or a ``QuantizedWeight`` (2-D, checked
+    when it was built)."""
+    if isinstance(weight, QuantizedWeight):
+        if weight.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: a quantized weight's compute dtype must be one of "
+                            f"{FLOAT_DTYPES}, got {weight.dtype}")
+        return weight
     if not isinstance(weight, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor or a lie_kernels.quant."
+                        f"QuantizedWeight, got {type(weight).__name__}")
     if not weight.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (fp64/fp32/fp16/bf16), "
                         f"got dtype {weight.dtype}")
@@ -53,7 +75,6 @@ def check_weight(weight, name: str = "weight") -> Tensor:
     return weight
 
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def factor_dtype_ok(factor_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
@@ -83,21 +104,3 @@ def check_factor(name: str, t, weight: Tensor, shape: Optional[tuple] = None,
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     return t
-
-
-def check_backend(backend) -> str:
-    """A backend name that can run in this process: ``"auto"`` or a registered backend
-    whose ``availability()`` is true (checked when a layer is built, not at its first
-    forward). Whether it takes particular tensors is still checked per call."""
-    from . import backends  # local: the backends import this module
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str ('auto' or one of "
-                        f"{sorted(backends._registry())}), got {type(backend).__name__} "
-                        f"{backend!r}")
-    if backend == "auto":
-        return backend
-    usable, why = backends._availability(backends.get_backend(backend))
-    if not usable:
-        raise ValueError(f"backend={backend!r} cannot run in this process: {why}; "
-                         f"use backend='auto' (or 'torch')")
-    return backend

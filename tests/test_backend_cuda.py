@@ -21,15 +21,17 @@ import pytest
 import torch
 
 import lie_kernels as lk
-from lie_kernels import _cuda_build, kernel_report
-from lie_kernels.backends import cuda_backend, cuda_report
+from dev import sass
+from lie_kernels import cuda_build
+from dev import cuda_report
+from lie_kernels.backends import cuda_backend
 from lie_kernels.reference import lie_weight_lowrank_ref
 
 from helpers import lowrank_inputs, rand, ref_lowrank, rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_GPU = torch.cuda.is_available()
-HAS_NVCC = _cuda_build.cuda_home() is not None and torch.version.cuda is not None
+HAS_NVCC = cuda_build.cuda_home() is not None and torch.version.cuda is not None
 ORDERS = [0, 1, 2, 3, 4, 8, None]
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
 
@@ -74,11 +76,11 @@ def built(tmp_path_factory):
     """One fresh build of the extension (nvcc + JIT link) for this test module."""
     if not HAS_NVCC:
         pytest.skip("needs nvcc and a CUDA build of torch to compile the extension "
-                    f"(cuda_home={_cuda_build.cuda_home()}, torch.version.cuda="
+                    f"(cuda_home={cuda_build.cuda_home()}, torch.version.cuda="
                     f"{torch.version.cuda})")
     out = tmp_path_factory.mktemp("cuda_build")
     env = dict(os.environ, LIE_KERNELS_BUILD_DIR=str(out), MAX_JOBS="2")
-    proc = subprocess.run([sys.executable, "-m", "lie_kernels._cuda_build"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "lie_kernels.cuda_build"], env=env,
                           capture_output=True, text=True, timeout=1500, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, env
@@ -101,9 +103,10 @@ for R, M, r, dt in shapes:
 """
 
 
+@pytest.mark.slow
 def test_extension_links_loads_and_registers_ops(built):
     out, env = built
-    assert (out / f"{_cuda_build.EXT_NAME}.so").exists()
+    assert (out / f"{cuda_build.EXT_NAME}.so").exists()
     proc = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True,
                           text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -125,22 +128,23 @@ def test_extension_links_loads_and_registers_ops(built):
     assert checked > 50
 
 
+@pytest.mark.slow
 def test_static_gate_every_kernel_instance(built):
     """SASS of the build's object: 0 spills/stack, >= 2 blocks/SM, <= 64 KB smem,
-    LDG.E.128 and STG.E.128 in every fwd/bwd instance (kernel_report.check_row)."""
+    LDG.E.128 and STG.E.128 in every fwd/bwd instance (sass.check_row)."""
     out, _ = built
     print((out / "ptxas.txt").read_text())  # the register/spill report, kept in the test log
     rows = cuda_report.rows_from_object(out / "lie_kernels.o")
-    print(kernel_report.format_table(rows))
-    archs = _cuda_build.arch_list()
+    print(sass.format_table(rows))
+    archs = cuda_build.arch_list()
     assert {r["arch"] for r in rows} == set(archs)
     kinds = {(r["kernel"], r["dtype"], r["order"], r["arch"]) for r in rows}
     assert len(kinds) == len(rows) == len(archs) * 3 * (2 * 10 + 1)  # fwd+bwd x 10 orders + finish
     for r in rows:
-        assert kernel_report.check_row(r) == [], r
+        assert sass.check_row(r) == [], r
         if r["kernel"] != "cuda finish":
             assert r["ldg128"] and r["stg128"] and r["regs"] <= 128, r
-    assert _cuda_build.spill_report(out) == []
+    assert cuda_build.spill_report(out) == []
 
 
 class _StandInOps:

@@ -1,13 +1,8 @@
-"""Static kernel health: what the GPU compiler made of every kernel we can launch.
+"""Reading compiled kernels: resources and SASS features of a cubin, one report row per
+kernel configuration, and the gate's verdict on a row (``check_row``). The tools are the
+``cuobjdump``/``nvdisasm`` that ship inside the Triton wheel.
 
-``python -m lie_kernels.kernel_report [80 90]`` compiles every Triton kernel
-configuration the backend can launch (exactly as the runtime JIT specialises
-it for contiguous, 16-byte-aligned tensors) and reads the cubins with the
-``cuobjdump`` that ships inside the Triton wheel; rows of the CUDA backend come
-from ``lie_kernels.backends.cuda_report.rows(archs)`` when that module exists.
-``tests/test_kernel_health.py`` asserts the same rows (``check_row``).
-
-Row schema (one dict per kernel configuration, shared with ``cuda_report``):
+Row schema (one dict per kernel configuration, made by ``triton_aot`` and ``cuda_report``):
 
     kernel       str   e.g. "triton fwd", "triton bwd", "cuda fwd"
     arch         int   80 / 90
@@ -31,18 +26,16 @@ The SASS helpers (``tool``, ``resource_usage``, ``sass``, ``sass_features``,
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from typing import Dict, Iterable, List, Optional
 
 #: per-SM budget (sm_80 and sm_90 alike for what we check): registers, threads, blocks
 SM_REGS, SM_THREADS, SM_BLOCKS = 65536, 2048, 32
 SM_SMEM = {80: 164 * 1024, 90: 228 * 1024}
-#: the gate's limits (issue 9)
+#: the gate's limits: no kernel may take more, or keep fewer blocks resident
 MAX_SMEM_PER_BLOCK = 64 * 1024
 MIN_BLOCKS_PER_SM = 2
 
@@ -156,35 +149,3 @@ def format_table(rows: Iterable[dict]) -> str:
         lines.append("| " + " | ".join(cells) + " | " + ("; ".join(check_row(r)) or "ok")
                      + " |")
     return "\n".join(lines)
-
-
-def all_rows(archs, workers: int = 2) -> List[dict]:
-    """Triton rows (compiled in a pool) plus the CUDA backend's rows when available."""
-    from .backends import triton_aot
-    rows = list(triton_aot.report_rows(archs, workers))
-    try:
-        from .backends import cuda_report
-    except ImportError:
-        cuda_report = None
-    if cuda_report is not None:
-        rows += list(cuda_report.rows(archs))
-    return rows
-
-
-def main(argv=None) -> int:
-    """``[--json] [arch ...]``: the table (or JSON rows); exit 1 when a row fails."""
-    args = list(argv if argv is not None else sys.argv[1:])
-    as_json = "--json" in args
-    archs = [int(a) for a in args if a != "--json"] or [80, 90]
-    rows = all_rows(archs)
-    if as_json:
-        print(json.dumps(rows))
-        return 0
-    print(format_table(rows))
-    bad = sum(bool(check_row(r)) for r in rows)
-    print(f"\n{len(rows)} configurations, {bad} fail the gate")
-    return 1 if bad else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
