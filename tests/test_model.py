@@ -134,21 +134,6 @@ def test_multihead_attention_out_proj_is_adapted_and_trained():
     assert model.att.out_proj.weight is model.att.out_proj.base.weight  # outside forward
 
 
-def test_unadaptable_subclass_is_explained():
-    conv = timm.layers.Conv2dSame(3, 4, 3, stride=2)  # own forward: pads, then convolves
-    model = nn.Sequential(conv, nn.ReLU())
-    with pytest.raises(ValueError, match=r"no module of Sequential matches target_modules="
-                                         r"None.*'0' \(Conv2dSame, a Conv2d subclass with "
-                                         r"its own forward"):
-        lk.inject(model)
-    with pytest.raises(TypeError, match=r"module '0' is a Conv2dSame, a Conv2d subclass"):
-        lk.inject(model, "0")
-    with pytest.raises(TypeError, match=r"LieConv2d wraps an nn.Conv2d, got Conv2dSame"):
-        lk.nn.LieConv2d(conv)
-    with pytest.raises(ValueError, match=r"Adaptable layers in the model: 'conv1' \(Conv2d\)"):
-        lk.inject(resnet18(), "no_such_layer")
-
-
 def test_weight_and_bias_views_on_resnet18():
     model = resnet18()
     w, b = model.fc.weight, model.fc.bias

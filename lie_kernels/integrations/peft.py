@@ -481,10 +481,7 @@ def save_as_hira(model: PeftModel, save_directory: str, adapter_name: str = "def
                              task_type=config.task_type,
                              base_model_name_or_path=config.base_model_name_or_path,
                              revision=config.revision, inference_mode=True)
-    os.makedirs(save_directory, exist_ok=True)
-    hira_config.save_pretrained(save_directory)
-    save_file(state, os.path.join(save_directory, SAFETENSORS_WEIGHTS_NAME),
-              metadata={"format": "pt"})
+    _write_adapter(save_directory, hira_config, state)
 
 
 def liera_from_hira(hira_directory: str, save_directory: str) -> LieraConfig:
@@ -521,8 +518,12 @@ def liera_from_hira(hira_directory: str, save_directory: str) -> LieraConfig:
                          modules_to_save=h.modules_to_save, task_type=h.task_type,
                          base_model_name_or_path=h.base_model_name_or_path,
                          revision=h.revision, inference_mode=True)
-    os.makedirs(save_directory, exist_ok=True)
-    config.save_pretrained(save_directory)
-    save_file(state, os.path.join(save_directory, SAFETENSORS_WEIGHTS_NAME),
-              metadata={"format": "pt"})
+    _write_adapter(save_directory, config, state)
     return config
+
+
+def _write_adapter(directory: str, config: PeftConfig, state: Dict[str, Tensor]) -> None:
+    """An adapter folder as PEFT writes one: its config and safetensors weights."""
+    os.makedirs(directory, exist_ok=True)
+    config.save_pretrained(directory)
+    save_file(state, os.path.join(directory, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
