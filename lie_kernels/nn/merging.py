@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..quant import requantize
 from .layers import LieLayer
-from .inject import unhook_direct_readers
+from .injection import unhook_direct_readers
 from .model import BatchBuilds, lie_layers
 from .ties import refuse_tied
 
