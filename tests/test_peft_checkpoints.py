@@ -362,3 +362,25 @@ def test_peft_hira_imports_as_liera_order_one(tmp_path, kind):
         liera = peft.PeftModel.from_pretrained(base_model(kind), tmp_path / "liera")
     assert sum(isinstance(m, LieraLayer) for m in liera.modules()) == N_LAYERS[kind]
     torch.testing.assert_close(run(liera, kind), run(hira, kind), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["emb", "att", "conv1d"])
+def test_targets_liera_does_not_adapt_are_refused(target):
+    """An Embedding, MultiheadAttention or transformers Conv1D target would get a plain
+    LoRA layer inside a folder that says LIERA (Conv1D's then would not even load back:
+    PEFT sets fan_in_fan_out on the config); LieraConfig refuses it when the model is
+    built, naming the layer type."""
+    from transformers.pytorch_utils import Conv1D
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.att = nn.Embedding(10, 8), nn.MultiheadAttention(8, 2)
+            self.conv1d, self.lin = Conv1D(8, 8), nn.Linear(8, 2)
+
+    kind = {"emb": "Embedding", "att": "MultiheadAttention", "conv1d": "Conv1D"}[target]
+    with pytest.raises(TypeError, match=rf"LieraConfig: target {kind} cannot get a LieRA "
+                                        rf"adapter"):
+        peft.get_peft_model(Mixed(), LieraConfig(r=2, target_modules=[target]))
+    model = peft.get_peft_model(Mixed(), LieraConfig(r=2, target_modules=["lin"]))
+    assert isinstance(model.base_model.model.lin, LieraLayer)

@@ -265,8 +265,11 @@ class LieraConfig(LoraConfig):
             self.lie_kernels_version = __version__
         _check_liera_options(_fields(self), "LieraConfig")
         # PEFT does not save the custom-module mapping: registering it here rebuilds
-        # LieRA layers for a config loaded from disk too
-        self._register_custom_module({t: LieraLayer for t in LAYER_TYPES})
+        # LieRA layers for a config loaded from disk too. Any other targeted module
+        # (Embedding, MultiheadAttention, transformers' Conv1D) is refused: PEFT would
+        # give it a plain LoRA layer inside a folder that says LIERA
+        self._register_custom_module({**{t: LieraLayer for t in LAYER_TYPES},
+                                      nn.Module: _refuse_target})
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "peft_type": PEFT_TYPE}
@@ -329,6 +332,15 @@ def _describe_in_model_card(directory: str, config: LieraConfig) -> None:
     lines[start:end] = [e for e in lines[start:end] if not e.startswith(f"- {where}:")] + [entry]
     card.text = "\n".join(lines)
     card.save(path)
+
+
+def _refuse_target(target: nn.Module, adapter_name: str, **kwargs):
+    """The custom module PEFT builds for a target LieRA does not adapt: an error."""
+    base = target.get_base_layer() if isinstance(target, LoraLayer) else target
+    raise TypeError(f"LieraConfig: target {type(base).__name__} cannot get a LieRA adapter "
+                    f"(adapter {adapter_name!r}); LieRA adapts nn.Linear, nn.Conv1d/2d/3d and "
+                    f"bitsandbytes' Linear4bit/Linear8bitLt: leave it out of target_modules "
+                    f"(modules_to_save trains it in full)")
 
 
 class LieraLayer(nn.Module, LoraLayer):
