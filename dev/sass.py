@@ -138,14 +138,24 @@ def check_row(row: dict) -> List[str]:
 
 COLUMNS = ("kernel", "arch", "dtype", "order", "rank_pad", "num_warps", "regs", "stack_bytes",
            "spill", "smem_bytes", "blocks_per_sm", "ldg128", "stg128", "mma", "red", "contract")
+#: columns only quantized-W rows have (``triton_aot``: the width of the loads of W's
+#: stored bytes, and whether it is the widest the tile allows); shown when a row has them
+QUANTIZED_COLUMNS = ("w_load_bits", "ldg_w")
+
+
+def _cell(value) -> str:
+    return ("yes" if value else "-") if isinstance(value, bool) else str(value)
 
 
 def format_table(rows: Iterable[dict]) -> str:
-    """Markdown table of rows, with the gate's verdict per row."""
-    lines = ["| " + " | ".join(COLUMNS) + " | gate |", "|" + "---|" * (len(COLUMNS) + 1)]
+    """Markdown table of rows, with the gate's verdict per row (and, when any row has
+    them, the ``QUANTIZED_COLUMNS`` after it: empty on the other rows)."""
+    rows = list(rows)
+    extra = [c for c in QUANTIZED_COLUMNS if any(c in r for r in rows)]
+    head = [*COLUMNS, "gate", *extra]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [("yes" if r[c] else "-") if isinstance(r[c], bool) else str(r[c])
-                 for c in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " | " + ("; ".join(check_row(r)) or "ok")
-                     + " |")
+        cells = [_cell(r[c]) for c in COLUMNS] + ["; ".join(check_row(r)) or "ok"]
+        cells += [_cell(r[c]) if c in r else "" for c in extra]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

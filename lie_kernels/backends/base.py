@@ -245,12 +245,14 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_MAX_ORDER = 8
 
 
-def kernel_limits(weight: Tensor, u: Tensor, order: Optional[int], max_rank: int) -> list:
+def kernel_limits(weight: Tensor, u: Tensor, order: Optional[int], max_rank: int,
+                  quantized_kinds: Sequence[str] = ()) -> list:
     """Reasons a compiled kernel (fp32/fp16/bf16, orders 0..KERNEL_MAX_ORDER or exact,
-    rank <= max_rank) cannot take these inputs."""
+    rank <= max_rank, quantized W of ``quantized_kinds`` only) cannot take these inputs;
+    a quantized W's dtype is its compute dtype."""
     max_order = KERNEL_MAX_ORDER
     reasons = []
-    if isinstance(weight, QuantizedWeight):
+    if isinstance(weight, QuantizedWeight) and weight.kind not in quantized_kinds:
         reasons.append(f"a {weight.kind} quantized weight is not read by this backend's "
                        f"kernels (the torch backend takes it)")
     if weight.dtype not in KERNEL_DTYPES:

@@ -6,7 +6,9 @@ machines without a GPU (slow: ``auto`` never picks it there).
 
 W is read in place in its memory order (``channels_last`` and other dense
 permutations included: ``p``'s columns, a small tensor, are reordered instead),
-and W', dW come back in W's layout. Launch shapes depend only on the tensor
+and W', dW come back in W's layout. A ``QuantizedWeight`` (nf4, fp4, int8, fp8) is
+read from its packed bytes and dequantized tile by tile in registers; its W' is
+contiguous in its compute dtype. Launch shapes depend only on the tensor
 shapes, never on the GPU model, so results are bitwise the same on every GPU.
 """
 from __future__ import annotations
@@ -19,22 +21,30 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..order import derivative_code, encode_order
+from ..quant import QuantizedWeight
 from .base import (Backend, columns_from_order, empty_in_order, kernel_limits,
-                   order_zero_backward, rows_in_order, rows_view, weight_rows)
+                   order_zero_backward, rows_in_order, rows_to_weight, rows_view,
+                   weight_rows)
+from .triton_configs import QUANTIZED_FORMATS, Config, config
 from .workspace import Workspace
 
 try:
     import triton
     import triton.language as tl
-    from . import triton_kernels as K
+    from . import triton_kernels as kernels
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
                   torch.bfloat16: tl.bfloat16}
+    #: a quantized kind -> the kernels' W_FMT
+    _W_FMT = {"nf4": kernels.W_4BIT, "fp4": kernels.W_4BIT, "int8": kernels.W_INT8,
+              "fp8": kernels.W_FP8}
     _IMPORT_ERROR = None
 except ImportError as exc:  # triton is optional
     _IMPORT_ERROR = exc
 
 MAX_RANK = 128  # the whole padded rank lives in one register tile
-MAX_ORDER = 8
+#: smallest 4-bit blocksize the kernels read (``triton_kernels._w4_tile``)
+QBLOCK_MIN = 32
 #: programs of the backward (rows splits × column splits): a constant, not a function
 #: of the SM count, so the reduction order is the same on every GPU
 BWD_PROGRAMS = 256
@@ -51,83 +61,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _order_const(order: Optional[int]) -> int:
-    return K.EXACT if order is None else order
-
-
 def rank_pad(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-class Config(NamedTuple):
-    """Tile shape and warps of one launch."""
-    block_r: int
-    block_c: int
-    num_warps: int
-    num_stages: int
-
-
-# Tile shapes per rank pad and W dtype on a GPU. Each one passes the kernel health gate
-# (tests/test_kernel_health.py: no spills, <= 64 KB smem, >= 2 blocks/SM, 128-bit
-# accesses, MMA in 16-bit); the gate's table (python -m lie_kernels.kernel_report) shows
-# what each compiles to. fp32 tiles are smaller: FMA dots hold whole rank vectors per
-# thread (at rank pad 128 a 16-column tile is what fits 2 blocks/SM without spilling).
-
-def fwd_config(rp: int, dtype: str) -> Config:
-    """Forward: W/W' tiles with 16-byte column vectors; u/p operand tiles grow with rp."""
-    if dtype == "fp32":
-        return Config(32, 128, 8, 2) if rp <= 16 else \
-            Config(16, 64, 4, 2) if rp <= 64 else Config(16, 32, 4, 2)
-    return Config(64, 128, 8, 2) if rp <= 32 else \
-        Config(32, 128, 4, 2) if rp <= 64 else Config(16, 128, 4, 2)
-
-
-def bwd_config(rp: int, dtype: str, fp32_factors: bool = False) -> Config:
-    """Backward: g, W, t tiles, both dot-operand layouts of t and an (rp × BLOCK_C) fp32
-    dp accumulator in registers (fp32 factors over a 16-bit W at rank pad 128: 16-column
-    tiles, the 32-column one spills 8 bytes)."""
-    if dtype != "fp32" and fp32_factors and rp > 64:
-        return Config(16, 16, 4, 1)
-    if dtype == "fp32":
-        return {16: Config(32, 64, 8, 1), 32: Config(16, 32, 4, 1),
-                64: Config(16, 32, 4, 1)}.get(rp, Config(16, 16, 4, 1))
-    return {16: Config(64, 64, 4, 1), 32: Config(32, 64, 4, 1),
-            64: Config(32, 64, 4, 1)}.get(rp, Config(16, 32, 4, 1))
-
-
-class LinearConfig(NamedTuple):
-    """Tile shape of the fused Linear backward: a GEMM over N in BLOCK_N steps."""
-    block_r: int
-    block_c: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def linear_bwd_config(rp: int, fp32_factors: bool = False) -> LinearConfig:
-    """16-bit W only (fp32 W takes the unfused path): the GEMM's operand tiles are
-    pipelined through shared memory; the Lie epilogue holds u/p tiles and t (fp32
-    factors at rank pad 128: 16-row tiles, the 32-row one spills 8 bytes)."""
-    if rp <= 32:
-        return LinearConfig(64, 64, 32, 4, 3)
-    if rp <= 64:
-        return LinearConfig(32, 32 if fp32_factors else 64, 32, 4, 2)
-    return LinearConfig(16 if fp32_factors else 32, 32, 32, 4, 2)
-
-
-def _interp_linear_config(rows: int, cols: int, n: int) -> LinearConfig:
+def _interp_linear_config(rows: int, cols: int, n: int) -> Config:
     """Interpreter: big tiles (``n`` may be 0, an empty batch: any BLOCK_N >= 1 works)."""
-    return LinearConfig(min(64, triton.next_power_of_2(rows)),
-                        min(128, triton.next_power_of_2(cols)),
-                        min(64, triton.next_power_of_2(max(n, 1))), 4, 1)
-
-
-def grouped_config(rp: int, dtype: str) -> Config:
-    """Grouped forward: sizes and strides come from a table (no constant strides), so
-    it needs more registers than ``fwd_config``'s tiles allow."""
-    if dtype == "fp32":
-        return Config(16, 64, 4, 2) if rp <= 32 else Config(16, 32, 8, 2)
-    return Config(32, 128, 8, 2) if rp <= 32 else Config(16, 128, 4, 2)
+    return Config(min(64, triton.next_power_of_2(rows)), min(128, triton.next_power_of_2(cols)),
+                  4, 1, min(64, triton.next_power_of_2(max(n, 1))))
 
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -143,8 +84,8 @@ def dot_mode(dtype: torch.dtype) -> int:
     """16-bit MMA for fp16/bf16 W; fp32 FMA for fp32 W (see triton_kernels: tf32
     misses the 1e-4 budget) and in the interpreter (its bf16 dot is wrong)."""
     if _interpreting() or dtype == torch.float32:
-        return K.DOT_IEEE
-    return K.DOT_16
+        return kernels.DOT_IEEE
+    return kernels.DOT_16
 
 
 def bwd_splits(row_blocks: int, col_tiles: int, rows: int, cols: int) -> Tuple[int, int]:
@@ -167,6 +108,72 @@ def deterministic() -> bool:
     every GPU) under ``torch.use_deterministic_algorithms(True)``, fp32 atomics otherwise,
     as PyTorch's own CUDA ops do."""
     return torch.are_deterministic_algorithms_enabled()
+
+
+class WOperand(NamedTuple):
+    """W as the kernels read it: ``data`` (R, M rows for a dense W; the flat stored
+    bytes of a quantized one) with its (row, column) strides in storage elements, the
+    dequantization's ``code`` table and ``scales`` (where a format has none, another of
+    these tensors: never read), the ``W_FMT``/``QBLOCK`` constexprs and the format's name
+    in the tile table."""
+    data: Tensor
+    code: Tensor
+    scales: Tensor
+    strides: Tuple[int, int]
+    fmt: int
+    qblock: int
+    name: str
+
+    def kernel_args(self) -> tuple:
+        return self.data, self.code, self.scales
+
+    def constexprs(self) -> dict:
+        return dict(W_FMT=self.fmt, QBLOCK=self.qblock)
+
+
+def w_operand(weight) -> WOperand:
+    """The operand of a QuantizedWeight, or of a dense W already seen as (R, M) rows."""
+    if not isinstance(weight, QuantizedWeight):
+        return WOperand(weight, weight, weight, weight.stride(), kernels.W_DENSE, 0, "dense")
+    fmt, name, cols = _W_FMT[weight.kind], QUANTIZED_FORMATS[weight.kind], weight.shape[1]
+    if weight.packed:
+        return WOperand(weight.data, weight.code, weight.scales, (cols // 2, 1), fmt,
+                        weight.blocksize, name)
+    return WOperand(weight.data, weight.scales, weight.scales, (cols, 1), fmt, 0, name)
+
+
+def _operands(weight, p: Tensor) -> Tuple[WOperand, Tensor, Tuple[int, ...]]:
+    """``(W operand, p's columns in W's memory order, that order)`` (``weight_rows``);
+    a quantized W is 2-D and contiguous."""
+    if isinstance(weight, QuantizedWeight):
+        return w_operand(weight), p, (1,)
+    w2, pm, perm = weight_rows(weight, p)
+    return w_operand(w2), pm, perm
+
+
+def _empty_output(weight, perm: Tuple[int, ...]) -> Tensor:
+    """W' (or dW) in W's layout (``empty_in_order``); contiguous for a quantized W."""
+    if isinstance(weight, QuantizedWeight):
+        return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    return empty_in_order(weight, perm)
+
+
+def quantized_limits(weight: QuantizedWeight) -> list:
+    """Why the kernels cannot read this quantized W (``triton_kernels``: quantized W)."""
+    reasons = []
+    if weight.packed and weight.shape[1] % 2:
+        reasons.append(f"a {weight.kind} weight with an odd number of columns "
+                       f"({weight.shape[1]}) is not read by the Triton kernels: they load "
+                       f"whole bytes per row, and here rows start mid-byte")
+    if weight.packed and (weight.blocksize % 2 or weight.blocksize < QBLOCK_MIN):
+        reasons.append(f"a {weight.kind} weight's blocksize must be even and at least "
+                       f"{QBLOCK_MIN} for the Triton kernels (bitsandbytes': 32 to 4096), "
+                       f"got {weight.blocksize}: a byte's two codes share one absmax, a "
+                       f"16-byte load at most two")
+    if (weight.kind == "fp8" and weight.is_cuda
+            and torch.cuda.get_device_capability(weight.device) < (8, 9)):
+        reasons.append("an fp8 weight needs a GPU with fp8 conversions (sm_89 or newer)")
+    return reasons
 
 
 class BwdPlan(NamedTuple):
@@ -227,7 +234,7 @@ def _accumulate(u: Tensor, p: Tensor, cols: int, splits: Tuple[int, int], run,
         du_acc = scratch[:s_u * n_du]
         run(du_acc, dp_acc)
         du_progs = triton.cdiv(n_du, REDUCE_BLOCK)
-        K.lie_reduce_kernel[(du_progs + triton.cdiv(n_dp, REDUCE_BLOCK),)](
+        kernels.lie_reduce_kernel[(du_progs + triton.cdiv(n_dp, REDUCE_BLOCK),)](
             du_acc, du, n_du, s_u, du_progs, dp_acc, dp, n_dp, s_p, BLOCK=REDUCE_BLOCK,
             ZERO_DP=not dp_stored)
     return du, dp
@@ -242,6 +249,15 @@ class _Table(NamedTuple):
     p_buf: Tensor
     tiles: int
     out_numel: int
+
+
+def _unused_dw(w: WOperand, weight) -> Tensor:
+    """The dW pointer of a backward without dW: never written, but its element type is
+    the compute dtype of the 16-bit dot operands (``triton_kernels``), so a dense W
+    itself and, for a quantized one, an empty tensor of its compute dtype."""
+    if w.fmt == kernels.W_DENSE:
+        return w.data
+    return torch.empty((0, 0), dtype=weight.dtype, device=weight.device)
 
 
 def _to_device(host: Tensor, device: torch.device) -> Tensor:
@@ -275,23 +291,25 @@ class TritonBackend(Backend):
             reasons.append("CPU tensors need TRITON_INTERPRET=1")
         elif weight.device.type not in ("cpu", "cuda"):
             reasons.append(f"device {weight.device.type} is not supported")
-        return reasons + kernel_limits(weight, u, order, MAX_ORDER, MAX_RANK)
+        if isinstance(weight, QuantizedWeight):
+            reasons += quantized_limits(weight)
+        return reasons + kernel_limits(weight, u, order, MAX_RANK, tuple(QUANTIZED_FORMATS))
 
     def forward(self, weight: Tensor, u: Tensor, p: Tensor,
                 order: Optional[int], scale: float) -> Tensor:
-        w2, pm, perm = weight_rows(weight, p)
-        out = empty_in_order(weight, perm)
+        w, pm, perm = _operands(weight, p)
+        out = _empty_output(weight, perm)
         o2 = rows_view(out, perm)
-        rows, cols = w2.shape
+        rows, cols = o2.shape
         rp = rank_pad(u.shape[1])
         cfg = (_interp_config(rows, cols) if _interpreting()
-               else fwd_config(rp, _DTYPE_NAMES[weight.dtype]))
+               else config("fwd", _DTYPE_NAMES[weight.dtype], rp, w_format=w.name))
         row_blocks, col_tiles = triton.cdiv(rows, cfg.block_r), triton.cdiv(cols, cfg.block_c)
-        K.lie_fwd_kernel[(row_blocks * col_tiles,)](
-            w2, u, pm, o2, rows, cols, u.shape[1], *w2.stride(), *u.stride(), *pm.stride(),
-            *o2.stride(), float(scale), col_tiles, ORDER=_order_const(order), RP=rp,
-            BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, DOT=dot_mode(weight.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        kernels.lie_fwd_kernel[(row_blocks * col_tiles,)](
+            *w.kernel_args(), u, pm, o2, rows, cols, u.shape[1], *w.strides, *u.stride(),
+            *pm.stride(), *o2.stride(), float(scale), col_tiles, ORDER=encode_order(order),
+            RP=rp, BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, DOT=dot_mode(weight.dtype),
+            **w.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out
 
     def backward(self, grad: Tensor, weight: Tensor, u: Tensor, p: Tensor,
@@ -299,26 +317,28 @@ class TritonBackend(Backend):
                  overwrite_grad: bool = False) -> Tuple[Optional[Tensor], Tensor, Tensor]:
         if order == 0:
             return order_zero_backward(grad, weight, u, p, need_dw)
-        w2, pm, perm = weight_rows(weight, p)
+        w, pm, perm = _operands(weight, p)
         g2 = rows_in_order(grad, perm)
-        rows, cols = w2.shape
+        rows, cols = g2.shape
         rank = u.shape[1]
         rp = rank_pad(rank)
         cfg = (_interp_config(rows, cols) if _interpreting()
-               else bwd_config(rp, _DTYPE_NAMES[weight.dtype], u.dtype == torch.float32))
+               else config("bwd", _DTYPE_NAMES[weight.dtype], rp, u.dtype == torch.float32,
+                           w.name))
         plan = bwd_plan(rows, cols, cfg, atomic=not deterministic())
         s_r, s_c = plan.row_splits, plan.col_splits
-        dw = empty_in_order(weight, perm) if need_dw else None
-        d2 = rows_view(dw, perm) if need_dw else w2  # unused pointer
+        dw = _empty_output(weight, perm) if need_dw else None
+        d2 = rows_view(dw, perm) if need_dw else _unused_dw(w, weight)
 
         def run(du_acc: Tensor, dp_acc: Tensor) -> None:
-            K.lie_bwd_kernel[(s_r * s_c,)](
-                g2, w2, u, pm, d2, du_acc, dp_acc, rows, cols, rank, plan.rb_per, plan.ct_per,
-                s_c, *g2.stride(), *w2.stride(), *u.stride(), *pm.stride(), *d2.stride(),
-                float(scale), ORDER=_order_const(order),
-                DORDER=K.EXACT if order is None else order - 1, NEED_DW=need_dw, RP=rp,
+            kernels.lie_bwd_kernel[(s_r * s_c,)](
+                g2, *w.kernel_args(), u, pm, d2, du_acc, dp_acc, rows, cols, rank, plan.rb_per,
+                plan.ct_per, s_c, *g2.stride(), *w.strides, *u.stride(), *pm.stride(),
+                *d2.stride(), float(scale), ORDER=encode_order(order),
+                DORDER=derivative_code(order), NEED_DW=need_dw, RP=rp,
                 BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, DOT=dot_mode(weight.dtype),
-                ATOMIC=plan.atomic, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                ATOMIC=plan.atomic, **w.constexprs(), num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
 
         du, dp = _accumulate(u, p, cols, (1, 1) if plan.atomic else (s_c, s_r), run,
                              dp_stored=not plan.atomic)
@@ -328,7 +348,8 @@ class TritonBackend(Backend):
                         p: Tensor, order: Optional[int], scale: float, need_dw: bool
                         ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
         """One kernel: ``dL/dW' = grad_yᵀ x`` tile by tile on tensor cores with the Lie
-        backward as its epilogue, so dL/dW' (W-sized) is never written nor read back.
+        backward as its epilogue, so dL/dW' (W-sized) is never written nor read back
+        (a quantized W: deq(W) is rebuilt from its stored bytes in that epilogue).
         Taken for a 16-bit W with ``grad_y`` and ``x`` in W's dtype (fp32 accumulation,
         so dL/dW' is not rounded to 16 bits as a separate GEMM would); otherwise, under
         ``torch.use_deterministic_algorithms(True)`` (its du/dp are atomic sums) and
@@ -338,32 +359,38 @@ class TritonBackend(Backend):
             return super().linear_backward(grad_y, x, weight, u, p, order, scale, need_dw)
         (n, rows), cols, rank = grad_y.shape, x.shape[1], u.shape[1]
         rp = rank_pad(rank)
+        w = w_operand(weight)
         cfg = (_interp_linear_config(rows, cols, n) if _interpreting()
-               else linear_bwd_config(rp, u.dtype == torch.float32))
+               else config("linear", _DTYPE_NAMES[weight.dtype], rp, u.dtype == torch.float32,
+                           w.name))
         col_tiles = triton.cdiv(cols, cfg.block_c)
         dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) \
             if need_dw else None
-        d2 = weight if dw is None else dw  # unused pointer without dW
+        d2 = _unused_dw(w, weight) if dw is None else dw
 
         def run(du_acc: Tensor, dp_acc: Tensor) -> None:
-            K.lie_linear_bwd_kernel[(triton.cdiv(rows, cfg.block_r) * col_tiles,)](
-                grad_y, x, weight, u, p, d2, du_acc, dp_acc, n, rows, cols, rank,
-                *grad_y.stride(), *x.stride(), *weight.stride(), *u.stride(), *p.stride(),
-                *d2.stride(), float(scale), col_tiles, ORDER=_order_const(order),
-                DORDER=K.EXACT if order is None else order - 1, NEED_DW=need_dw, RP=rp,
+            kernels.lie_linear_bwd_kernel[(triton.cdiv(rows, cfg.block_r) * col_tiles,)](
+                grad_y, x, *w.kernel_args(), u, p, d2, du_acc, dp_acc, n, rows, cols, rank,
+                *grad_y.stride(), *x.stride(), *w.strides, *u.stride(), *p.stride(),
+                *d2.stride(), float(scale), col_tiles, ORDER=encode_order(order),
+                DORDER=derivative_code(order), NEED_DW=need_dw, RP=rp,
                 BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n,
-                GROUP_R=LINEAR_GROUP, DOT=dot_mode(weight.dtype), num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
+                GROUP_R=LINEAR_GROUP, DOT=dot_mode(weight.dtype), **w.constexprs(),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
         du, dp = _accumulate(u, p, cols, (1, 1), run)
         return dw, du, dp
 
     def forward_many(self, weights, us, ps, order, scales):
-        """All layers of one dtype in one launch of the grouped kernel."""
+        """All dense layers of one dtype in one launch of the grouped kernel; a quantized
+        W on its own (the grouped kernel reads dense W only)."""
         outs = [None] * len(weights)
         groups = {}
         for i, w in enumerate(weights):
-            groups.setdefault(w.dtype, []).append(i)
+            if isinstance(w, QuantizedWeight):
+                outs[i] = self.forward(w, us[i], ps[i], order, scales[i])
+            else:
+                groups.setdefault(w.dtype, []).append(i)
         for idx in groups.values():
             for i, out in zip(idx, self._grouped([weights[i] for i in idx],
                                                  [us[i] for i in idx], [ps[i] for i in idx],
@@ -390,9 +417,12 @@ class TritonBackend(Backend):
             rank = u.shape[1]
             col_tiles = triton.cdiv(cols, cfg.block_c)
             n = triton.cdiv(rows, cfg.block_r) * col_tiles
-            table.append([w2.data_ptr(), u_buf.data_ptr() + u_off * u_buf.element_size(),
-                          p_buf.data_ptr() + p_off * p_buf.element_size(), out_off, rows,
-                          cols, rank, *w2.stride(), rank, 1, cols, 1, col_tiles, tiles])
+            s_wr, s_wc = w2.stride()
+            entry = dict(w=w2.data_ptr(), u=u_buf.data_ptr() + u_off * u_buf.element_size(),
+                         p=p_buf.data_ptr() + p_off * p_buf.element_size(), out=out_off,
+                         R=rows, M=cols, r=rank, s_wr=s_wr, s_wc=s_wc, s_ur=rank, s_uk=1,
+                         s_pk=cols, s_pc=1, col_tiles=col_tiles, first_tile=tiles)
+            table.append([entry[c] for c in kernels.TABLE_COLS])
             counts.append(n)
             tiles, out_off = tiles + n, out_off + w2.numel()
             u_off, p_off = u_off + u.numel(), p_off + p.numel()
@@ -412,7 +442,7 @@ class TritonBackend(Backend):
         w2s = [v[0] for v in views]
         rp = rank_pad(max(u.shape[1] for u in us))
         cfg = (_interp_config(max(w.shape[0] for w in w2s), max(w.shape[1] for w in w2s))
-               if _interpreting() else grouped_config(rp, _DTYPE_NAMES[weights[0].dtype]))
+               if _interpreting() else config("grouped", _DTYPE_NAMES[weights[0].dtype], rp))
         up_dtype = (torch.float32 if any(t.dtype == torch.float32 for t in (*us, *ps))
                     else weights[0].dtype)
         tab = self._table(w2s, us, ps, scales, cfg, up_dtype)
@@ -420,16 +450,15 @@ class TritonBackend(Backend):
         tab.u_buf.copy_(torch.cat([u.reshape(-1).to(up_dtype) for u in us]))
         tab.p_buf.copy_(torch.cat([v[1].reshape(-1).to(up_dtype) for v in views]))
         flat = torch.empty(tab.out_numel, dtype=weights[0].dtype, device=weights[0].device)
-        K.lie_fwd_grouped_kernel[(tab.tiles,)](
+        kernels.lie_fwd_grouped_kernel[(tab.tiles,)](
             tab.table, tab.tile_layer, tab.scales, flat,
             DTYPE=_TL_DTYPES[weights[0].dtype], UP_DTYPE=_TL_DTYPES[up_dtype],
-            ORDER=_order_const(order), RP=rp, BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c,
+            ORDER=encode_order(order), RP=rp, BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c,
             DOT=dot_mode(weights[0].dtype), num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
         outs, off = [], 0
         for w, (w2, _, perm) in zip(weights, views):
-            packed = flat[off:off + w2.numel()].view(w.shape[0], *[w.shape[d] for d in perm])
-            outs.append(packed.permute(0, *[1 + perm.index(d) for d in range(1, w.dim())]))
+            outs.append(rows_to_weight(flat[off:off + w2.numel()].view(w2.shape), w.shape, perm))
             off += w2.numel()
         return outs
 

@@ -15,7 +15,8 @@ only in registers. The series uses the Horner nesting of ``lie_kernels/series.py
 
     S_m(y) = 1 + y/m·(1 + y/(m+1)·( ... (1 + y/K))),  exp_K = S_1,  expm1_K = y·S_2
 
-``ORDER`` is a compile-time constant; ``EXACT`` (-1) selects ``exp``.
+``ORDER`` is a compile-time constant, ``lie_kernels.order.encode_order(order)``: -1
+(``order.EXACT``) selects ``exp``.
 
 Rank contractions (``DOT``): ``DOT_16`` multiplies 16-bit operands (W's dtype)
 on tensor cores with fp32 accumulation; ``DOT_IEEE`` is plain fp32 FMA (fp32 W,
@@ -27,12 +28,31 @@ with spills and up to 180 KB shared memory per block in this tile design.
 
 Offsets: every row/column index is widened to int64 before it meets a stride,
 so views whose offsets pass 2**31 elements are indexed exactly.
+
+Quantized W (``W_FMT``, ``lie_kernels/quant.py``): ``_w_tile`` dequantizes each W tile
+in registers from the stored bytes (one pass over them, no dense copy of W), in fp32,
+with the same operations in the same order as ``QuantizedWeight.rows`` (bitwise the
+same values). ``W_4BIT`` (``_w4_tile``): the tile's packed bytes, ``BLOCK_C/2`` per row,
+are loaded as contiguous 16-byte chunks (128-bit loads), split into high and low
+nibbles, each looked up in the 16-entry code table (a gather from a 64-byte table that
+stays in L1) and scaled by its absmax (both nibbles of a byte share one: the block size
+is even; a chunk spans at most two blocks: it is at least 32), then interleaved into the
+``(BLOCK_R, BLOCK_C)`` tile, high nibble first. That needs an even M, so that every row
+starts on a byte. ``W_INT8``/``W_FP8``: the codes times the row's scale (int8: then
+times ``INT8_STEP``, as bitsandbytes does). The 16-bit dot operands take the compute
+dtype from W' (``out_ptr``) or dW (``dw_ptr``, passed in that dtype even when dW is not
+asked for), never from W's storage.
 """
 import triton
 import triton.language as tl
 
-EXACT = -1
+from ..quant import INT8_STEP as _INT8_STEP
+
 DOT_16, DOT_IEEE = 0, 1
+#: W's storage (``W_FMT``): dense in the compute dtype, 4-bit codes two per byte with
+#: an absmax per ``QBLOCK`` elements (nf4, fp4), int8 or fp8 e4m3 with a scale per row
+W_DENSE, W_4BIT, W_INT8, W_FP8 = 0, 1, 2, 3
+INT8_STEP = tl.constexpr(_INT8_STEP)
 
 
 @triton.jit
@@ -92,6 +112,55 @@ def _tile(ptr, rows, cols, rmask, cmask, s_r, s_c):
 
 
 @triton.jit
+def _w4_tile(w_ptr, code_ptr, wscale_ptr, rows, c0, rmask, s_wr, QBLOCK: tl.constexpr,
+             BLOCK_C: tl.constexpr):
+    """A 4-bit W's tile at ``rows`` × ``c0 + arange(BLOCK_C)`` in fp32 (module docstring).
+    The bytes come as (rows, chunks, CH): one 128-bit load per chunk of 16 bytes. Byte
+    b of a row holds its columns 2b (high nibble) and 2b + 1; ``s_wr`` = M/2 bytes per
+    row. A chunk spans at most two absmax blocks (QBLOCK/2 >= CH bytes each), so it
+    reads two absmax values, those of its first and last byte, not one per byte."""
+    CH: tl.constexpr = 16 if BLOCK_C >= 32 else BLOCK_C // 2
+    HB: tl.constexpr = QBLOCK // 2  # bytes per absmax block
+    tl.static_assert(HB >= CH, "a chunk must span at most two absmax blocks")
+    start = c0 // 2 + tl.arange(0, BLOCK_C // 2 // CH) * CH
+    byte = start[:, None] + tl.arange(0, CH)[None, :]
+    row0 = rows.to(tl.int64)[:, None] * s_wr
+    offs = row0[:, :, None] + byte[None, :, :]
+    # bound the row by s_wr, not M // 2: the JIT sees s_wr's divisibility by 16, so the
+    # mask is constant over a chunk (128-bit loads)
+    packed = tl.load(w_ptr + offs, mask=rmask[:, None, None] & (byte < s_wr)[None, :, :],
+                     other=0)
+    first = row0 + start[None, :]
+    last = tl.minimum(first + CH - 1, row0 + s_wr - 1)
+    chunk_mask = rmask[:, None] & (start < s_wr)[None, :]
+    a_first = tl.load(wscale_ptr + first // HB, mask=chunk_mask, other=0.0)[:, :, None]
+    a_last = tl.load(wscale_ptr + last // HB, mask=chunk_mask, other=0.0)[:, :, None]
+    absmax = tl.where(offs // HB == (first // HB)[:, :, None], a_first, a_last)
+    hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * absmax
+    lo = tl.load(code_ptr + (packed & 15).to(tl.int32)) * absmax
+    return tl.reshape(tl.interleave(hi, lo), (rows.shape[0], BLOCK_C))
+
+
+@triton.jit
+def _w_tile(w_ptr, code_ptr, wscale_ptr, rows, cols, c0, rmask, cmask, s_wr, s_wc,
+            W_FMT: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """W's tile at ``rows`` × ``cols`` (``cols = c0 + arange(BLOCK_C)``): as stored for a
+    dense W (``W_FMT`` = W_DENSE, 0), dequantized to fp32 otherwise (W_4BIT 1, W_INT8 2,
+    W_FP8 3). Quantized storage is contiguous: ``s_wr`` is a row's length in bytes,
+    ``s_wc`` 1."""
+    if W_FMT == 0:
+        w = _tile(w_ptr, rows, cols, rmask, cmask, s_wr, s_wc)
+    elif W_FMT == 1:
+        w = _w4_tile(w_ptr, code_ptr, wscale_ptr, rows, c0, rmask, s_wr, QBLOCK, BLOCK_C)
+    else:
+        w = _tile(w_ptr, rows, cols, rmask, cmask, s_wr, s_wc).to(tl.float32) * \
+            tl.load(wscale_ptr + rows, mask=rmask, other=0.0)[:, None]
+        if W_FMT == 2:
+            w = w * INT8_STEP
+    return w
+
+
+@triton.jit
 def _dot(a, b, DOT: tl.constexpr, OP_TY: tl.constexpr):
     """a @ b with fp32 accumulation; OP_TY is the 16-bit operand type for DOT_16."""
     if DOT == 0:
@@ -102,24 +171,27 @@ def _dot(a, b, DOT: tl.constexpr, OP_TY: tl.constexpr):
 
 
 @triton.jit
-def _operand(x, DOT: tl.constexpr, w_ptr):
+def _operand(x, DOT: tl.constexpr, OP_TY: tl.constexpr):
     """A factor tile as the dot will read it: fp32 factors over a 16-bit W are
     rounded to W's dtype once at load, not at each of their two dots (halves
     their registers; the same values reach the tensor cores)."""
     if DOT == 0:
-        x = x.to(w_ptr.dtype.element_ty)
+        x = x.to(OP_TY)
     return x
 
 
 @triton.jit
-def _fwd_tile(w_ptr, u_ptr, p_ptr, out_ptr, R, M, r, s_wr, s_wc, s_ur, s_uk, s_pk, s_pc,
-              s_or, s_oc, scale, pid_r, pid_c, ORDER: tl.constexpr, RP: tl.constexpr,
-              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
+def _fwd_tile(w_ptr, code_ptr, wscale_ptr, u_ptr, p_ptr, out_ptr, R, M, r, s_wr, s_wc, s_ur,
+              s_uk, s_pk, s_pc, s_or, s_oc, scale, pid_r, pid_c, ORDER: tl.constexpr,
+              RP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+              DOT: tl.constexpr, W_FMT: tl.constexpr, QBLOCK: tl.constexpr):
     """One (BLOCK_R, BLOCK_C) tile of W' = W + W·expm1_K(scale·u@p)."""
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c0 = pid_c * BLOCK_C
+    cols = c0 + tl.arange(0, BLOCK_C)
     rmask, cmask = rows < R, cols < M
-    w = _tile(w_ptr, rows, cols, rmask, cmask, s_wr, s_wc)
+    w = _w_tile(w_ptr, code_ptr, wscale_ptr, rows, cols, c0, rmask, cmask, s_wr, s_wc, W_FMT,
+                QBLOCK, BLOCK_C)
     if ORDER == 0:
         out = w  # exp_0 = 1: W' = W bitwise, no contraction
     else:
@@ -127,28 +199,35 @@ def _fwd_tile(w_ptr, u_ptr, p_ptr, out_ptr, R, M, r, s_wr, s_wc, s_ur, s_uk, s_p
         kmask = ks < r
         x = _dot(_tile(u_ptr, rows, ks, rmask, kmask, s_ur, s_uk),
                  _tile(p_ptr, ks, cols, kmask, cmask, s_pk, s_pc), DOT,
-                 w_ptr.dtype.element_ty)
+                 out_ptr.dtype.element_ty)
         out = lie_map(w.to(tl.float32), scale * x, ORDER)
     tl.store(out_ptr + _offsets(rows, cols, s_or, s_oc), out.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
-def lie_fwd_kernel(w_ptr, u_ptr, p_ptr, out_ptr, R, M, r,
+def lie_fwd_kernel(w_ptr, code_ptr, wscale_ptr, u_ptr, p_ptr, out_ptr, R, M, r,
                    s_wr, s_wc, s_ur, s_uk, s_pk, s_pc, s_or, s_oc, scale, col_tiles,
                    ORDER: tl.constexpr, RP: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_C: tl.constexpr, DOT: tl.constexpr):
-    """1-D grid of row_blocks × col_tiles programs (no 65535 limit on a grid axis)."""
+                   BLOCK_C: tl.constexpr, DOT: tl.constexpr, W_FMT: tl.constexpr,
+                   QBLOCK: tl.constexpr):
+    """1-D grid of row_blocks × col_tiles programs (no 65535 limit on a grid axis).
+    ``code_ptr``, ``wscale_ptr``, ``QBLOCK``: a quantized W's dequantization (unused
+    for a dense W)."""
     pid = tl.program_id(0)
-    _fwd_tile(w_ptr, u_ptr, p_ptr, out_ptr, R, M, r, s_wr, s_wc, s_ur, s_uk, s_pk, s_pc,
-              s_or, s_oc, scale, pid // col_tiles, pid % col_tiles, ORDER, RP, BLOCK_R,
-              BLOCK_C, DOT)
+    _fwd_tile(w_ptr, code_ptr, wscale_ptr, u_ptr, p_ptr, out_ptr, R, M, r, s_wr, s_wc, s_ur,
+              s_uk, s_pk, s_pc, s_or, s_oc, scale, pid // col_tiles, pid % col_tiles, ORDER,
+              RP, BLOCK_R, BLOCK_C, DOT, W_FMT, QBLOCK)
 
 
 #: int64 columns of a grouped-launch table row (one row per layer); ``out`` is an
 #: element offset into the launch's output buffer, so the table outlives the outputs
 TABLE_COLS = ("w", "u", "p", "out", "R", "M", "r", "s_wr", "s_wc", "s_ur", "s_uk", "s_pk",
               "s_pc", "col_tiles", "first_tile")
+# the column indices as compile-time constants, so the kernel reads the row by name
+(COL_W, COL_U, COL_P, COL_OUT, COL_R, COL_M, COL_RANK, COL_S_WR, COL_S_WC, COL_S_UR, COL_S_UK,
+ COL_S_PK, COL_S_PC, COL_COL_TILES, COL_FIRST_TILE) = map(tl.constexpr, range(len(TABLE_COLS)))
+TABLE_WIDTH = tl.constexpr(len(TABLE_COLS))
 
 
 @triton.jit
@@ -164,29 +243,34 @@ def lie_fwd_grouped_kernel(table_ptr, tile_layer_ptr, scale_ptr, out_ptr,
     """
     pid = tl.program_id(0)
     layer = tl.load(tile_layer_ptr + pid)
-    row = table_ptr + layer * 15
-    col_tiles = tl.load(row + 13)
-    local = pid - tl.load(row + 14)
-    M = tl.load(row + 5)
-    _fwd_tile(tl.load(row + 0).to(tl.pointer_type(DTYPE)),
-              tl.load(row + 1).to(tl.pointer_type(UP_DTYPE)),
-              tl.load(row + 2).to(tl.pointer_type(UP_DTYPE)),
-              out_ptr + tl.load(row + 3),
-              tl.load(row + 4), M, tl.load(row + 6), tl.load(row + 7),
-              tl.load(row + 8), tl.load(row + 9), tl.load(row + 10), tl.load(row + 11),
-              tl.load(row + 12), M, 1, tl.load(scale_ptr + layer), local // col_tiles,
-              local % col_tiles, ORDER, RP, BLOCK_R, BLOCK_C, DOT)
+    row = table_ptr + layer * TABLE_WIDTH
+    col_tiles = tl.load(row + COL_COL_TILES)
+    local = pid - tl.load(row + COL_FIRST_TILE)
+    M = tl.load(row + COL_M)
+    w_ptr = tl.load(row + COL_W).to(tl.pointer_type(DTYPE))
+    _fwd_tile(w_ptr, w_ptr, w_ptr,  # dense W only: no dequantization pointers
+              tl.load(row + COL_U).to(tl.pointer_type(UP_DTYPE)),
+              tl.load(row + COL_P).to(tl.pointer_type(UP_DTYPE)),
+              out_ptr + tl.load(row + COL_OUT),
+              tl.load(row + COL_R), M, tl.load(row + COL_RANK), tl.load(row + COL_S_WR),
+              tl.load(row + COL_S_WC), tl.load(row + COL_S_UR), tl.load(row + COL_S_UK),
+              tl.load(row + COL_S_PK), tl.load(row + COL_S_PC), M, 1,
+              tl.load(scale_ptr + layer), local // col_tiles, local % col_tiles, ORDER, RP,
+              BLOCK_R, BLOCK_C, DOT, 0, 0)  # W_FMT = W_DENSE
 
 
 @triton.jit
-def _grad_tile(g, y, w_ptr, dw_ptr, rows, cols, rmask, cmask, s_wr, s_wc, s_dr, s_dc,
-               ORDER: tl.constexpr, DORDER: tl.constexpr, NEED_DW: tl.constexpr):
+def _grad_tile(g, y, w_ptr, code_ptr, wscale_ptr, dw_ptr, rows, cols, c0, rmask, cmask,
+               s_wr, s_wc, s_dr, s_dc, ORDER: tl.constexpr, DORDER: tl.constexpr,
+               NEED_DW: tl.constexpr, W_FMT: tl.constexpr, QBLOCK: tl.constexpr,
+               BLOCK_C: tl.constexpr):
     """The Lie backward of one tile, given ``g = dL/dW'`` there (fp32) and
     ``y = s·u@p``: stores ``dW = g ⊙ exp_K(y)`` when asked and returns
     ``t = g ⊙ W ⊙ exp_{K-1}(y)``, from which ``du = s·t pᵀ``, ``dp = s·uᵀ t``.
     (Callers form y before loading g, and add dp before du: the order in which
     every configuration compiles without spills.)"""
-    w = _tile(w_ptr, rows, cols, rmask, cmask, s_wr, s_wc).to(tl.float32)
+    w = _w_tile(w_ptr, code_ptr, wscale_ptr, rows, cols, c0, rmask, cmask, s_wr, s_wc, W_FMT,
+                QBLOCK, BLOCK_C).to(tl.float32)
     if NEED_DW:
         tl.store(dw_ptr + _offsets(rows, cols, s_dr, s_dc),
                  (g * exp_series(y, ORDER)).to(dw_ptr.dtype.element_ty),
@@ -202,12 +286,13 @@ def _add_du(du_ptr, t, p, rows, ks, r, rmask, kmask, scale, DOT: tl.constexpr, O
 
 
 @triton.jit
-def lie_bwd_kernel(g_ptr, w_ptr, u_ptr, p_ptr, dw_ptr, du_part_ptr, dp_part_ptr,
-                   R, M, r, row_blocks_per_split, col_tiles_per_split, col_splits,
+def lie_bwd_kernel(g_ptr, w_ptr, code_ptr, wscale_ptr, u_ptr, p_ptr, dw_ptr, du_part_ptr,
+                   dp_part_ptr, R, M, r, row_blocks_per_split, col_tiles_per_split, col_splits,
                    s_gr, s_gc, s_wr, s_wc, s_ur, s_uk, s_pk, s_pc, s_dr, s_dc, scale,
                    ORDER: tl.constexpr, DORDER: tl.constexpr, NEED_DW: tl.constexpr,
                    RP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                   DOT: tl.constexpr, ATOMIC: tl.constexpr):
+                   DOT: tl.constexpr, ATOMIC: tl.constexpr, W_FMT: tl.constexpr,
+                   QBLOCK: tl.constexpr):
     """One program: a run of row blocks × a run of column tiles (fixed split counts).
 
     Per tile ``t = g ⊙ W ⊙ exp_{K-1}(s·x)`` stays in registers. ``s·dp`` of a
@@ -231,6 +316,7 @@ def lie_bwd_kernel(g_ptr, w_ptr, u_ptr, p_ptr, dw_ptr, du_part_ptr, dp_part_ptr,
       to run.
     """
     pid = tl.program_id(0)
+    op_ty = dw_ptr.dtype.element_ty
     split_r, split_c = pid // col_splits, pid % col_splits
     ks = tl.arange(0, RP)
     kmask = ks < r
@@ -241,21 +327,22 @@ def lie_bwd_kernel(g_ptr, w_ptr, u_ptr, p_ptr, dw_ptr, du_part_ptr, dp_part_ptr,
         du_base = du_part_ptr + split_c.to(tl.int64) * R * r
         dp_base = dp_part_ptr + split_r.to(tl.int64) * r * M
     for ct in range(col_tiles_per_split):
-        cols = (split_c * col_tiles_per_split + ct) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c0 = (split_c * col_tiles_per_split + ct) * BLOCK_C
+        cols = c0 + tl.arange(0, BLOCK_C)
         cmask = cols < M
-        p = _operand(_tile(p_ptr, ks, cols, kmask, cmask, s_pk, s_pc), DOT, w_ptr)
+        p = _operand(_tile(p_ptr, ks, cols, kmask, cmask, s_pk, s_pc), DOT, op_ty)
         dp = tl.zeros((RP, BLOCK_C), dtype=tl.float32)
         for rb in range(row_blocks_per_split):
             rows = (split_r * row_blocks_per_split + rb) * BLOCK_R + tl.arange(0, BLOCK_R)
             rmask = rows < R
-            u = _operand(_tile(u_ptr, rows, ks, rmask, kmask, s_ur, s_uk), DOT, w_ptr)
-            y = scale * _dot(u, p, DOT, w_ptr.dtype.element_ty)
+            u = _operand(_tile(u_ptr, rows, ks, rmask, kmask, s_ur, s_uk), DOT, op_ty)
+            y = scale * _dot(u, p, DOT, op_ty)
             g = _tile(g_ptr, rows, cols, rmask, cmask, s_gr, s_gc).to(tl.float32)
-            t = _grad_tile(g, y, w_ptr, dw_ptr, rows, cols, rmask, cmask, s_wr, s_wc, s_dr,
-                           s_dc, ORDER, DORDER, NEED_DW)
-            dp += _dot(tl.trans(u), t, DOT, w_ptr.dtype.element_ty)
-            _add_du(du_base, t, p, rows, ks, r, rmask, kmask, scale, DOT,
-                    w_ptr.dtype.element_ty)
+            t = _grad_tile(g, y, w_ptr, code_ptr, wscale_ptr, dw_ptr, rows, cols, c0, rmask,
+                           cmask, s_wr, s_wc, s_dr, s_dc, ORDER, DORDER, NEED_DW, W_FMT, QBLOCK,
+                           BLOCK_C)
+            dp += _dot(tl.trans(u), t, DOT, op_ty)
+            _add_du(du_base, t, p, rows, ks, r, rmask, kmask, scale, DOT, op_ty)
         dp_ptrs = dp_base + _offsets(ks, cols, M, 1)
         dp_mask = kmask[:, None] & cmask[None, :]
         if ATOMIC:
@@ -265,12 +352,13 @@ def lie_bwd_kernel(g_ptr, w_ptr, u_ptr, p_ptr, dw_ptr, du_part_ptr, dp_part_ptr,
 
 
 @triton.jit
-def lie_linear_bwd_kernel(gy_ptr, x_ptr, w_ptr, u_ptr, p_ptr, dw_ptr, du_ptr, dp_ptr,
-                          N, R, M, r, s_gn, s_gr, s_xn, s_xc, s_wr, s_wc, s_ur, s_uk, s_pk, s_pc,
-                          s_dr, s_dc, scale, col_tiles,
+def lie_linear_bwd_kernel(gy_ptr, x_ptr, w_ptr, code_ptr, wscale_ptr, u_ptr, p_ptr, dw_ptr,
+                          du_acc_ptr, dp_acc_ptr, N, R, M, r, s_gn, s_gr, s_xn, s_xc, s_wr, s_wc,
+                          s_ur, s_uk, s_pk, s_pc, s_dr, s_dc, scale, col_tiles,
                           ORDER: tl.constexpr, DORDER: tl.constexpr, NEED_DW: tl.constexpr,
                           RP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_N: tl.constexpr, GROUP_R: tl.constexpr, DOT: tl.constexpr):
+                          BLOCK_N: tl.constexpr, GROUP_R: tl.constexpr, DOT: tl.constexpr,
+                          W_FMT: tl.constexpr, QBLOCK: tl.constexpr):
     """A Linear layer's backward into its Lie factors: ``dL/dW' = grad_yᵀ x`` one
     ``(BLOCK_R, BLOCK_C)`` tile per program, accumulated in registers over the N rows
     of ``grad_y (N, R)`` and ``x (N, M)``, then the Lie backward of that tile as the
@@ -281,29 +369,31 @@ def lie_linear_bwd_kernel(gy_ptr, x_ptr, w_ptr, u_ptr, p_ptr, dw_ptr, du_ptr, dp
     programs share an x column slice while it sits in L2), so x is read from HBM
     about once per group of row tiles instead of once per row tile."""
     pid = tl.program_id(0)
+    op_ty = dw_ptr.dtype.element_ty
     per_group = GROUP_R * col_tiles
     first = (pid // per_group) * GROUP_R
     in_group = tl.minimum(tl.cdiv(R, BLOCK_R) - first, GROUP_R)
     rows = (first + (pid % per_group) % in_group) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = ((pid % per_group) // in_group) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c0 = ((pid % per_group) // in_group) * BLOCK_C
+    cols = c0 + tl.arange(0, BLOCK_C)
     rmask, cmask = rows < R, cols < M
     g = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
         nmask = ns < N
         g += _dot(tl.trans(_tile(gy_ptr, ns, rows, nmask, rmask, s_gn, s_gr)),
-                  _tile(x_ptr, ns, cols, nmask, cmask, s_xn, s_xc), DOT, w_ptr.dtype.element_ty)
+                  _tile(x_ptr, ns, cols, nmask, cmask, s_xn, s_xc), DOT, op_ty)
     ks = tl.arange(0, RP)
     kmask = ks < r
-    u = _operand(_tile(u_ptr, rows, ks, rmask, kmask, s_ur, s_uk), DOT, w_ptr)
-    p = _operand(_tile(p_ptr, ks, cols, kmask, cmask, s_pk, s_pc), DOT, w_ptr)
-    y = scale * _dot(u, p, DOT, w_ptr.dtype.element_ty)
-    t = _grad_tile(g, y, w_ptr, dw_ptr, rows, cols, rmask, cmask, s_wr, s_wc, s_dr, s_dc,
-                   ORDER, DORDER, NEED_DW)
-    tl.atomic_add(dp_ptr + _offsets(ks, cols, M, 1),
-                  scale * _dot(tl.trans(u), t, DOT, w_ptr.dtype.element_ty),
+    u = _operand(_tile(u_ptr, rows, ks, rmask, kmask, s_ur, s_uk), DOT, op_ty)
+    p = _operand(_tile(p_ptr, ks, cols, kmask, cmask, s_pk, s_pc), DOT, op_ty)
+    y = scale * _dot(u, p, DOT, op_ty)
+    t = _grad_tile(g, y, w_ptr, code_ptr, wscale_ptr, dw_ptr, rows, cols, c0, rmask, cmask,
+                   s_wr, s_wc, s_dr, s_dc, ORDER, DORDER, NEED_DW, W_FMT, QBLOCK, BLOCK_C)
+    tl.atomic_add(dp_acc_ptr + _offsets(ks, cols, M, 1),
+                  scale * _dot(tl.trans(u), t, DOT, op_ty),
                   mask=kmask[:, None] & cmask[None, :], sem="relaxed")
-    _add_du(du_ptr, t, p, rows, ks, r, rmask, kmask, scale, DOT, w_ptr.dtype.element_ty)
+    _add_du(du_acc_ptr, t, p, rows, ks, r, rmask, kmask, scale, DOT, op_ty)
 
 
 @triton.jit

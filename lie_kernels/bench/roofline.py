@@ -3,7 +3,7 @@
 For a weight W with ``R × M`` elements (the ``(C_out, M)`` unfolding), rank r
 (padded to ``rp``), element size ``e`` and order K, count what each launch
 really moves through HBM and the work it does, with the backward's own tile
-shapes, split counts and scratch (``triton_backend.bwd_config``/``bwd_plan``):
+shapes, split counts and scratch (``triton_configs.config``, ``triton_backend.bwd_plan``):
 
     forward   reads W, u, p; writes W'                       (1 launch)
               MMA 2·rp·R·M flops (16-bit W) or rp·R·M FMAs (fp32 W)
@@ -33,7 +33,14 @@ The backward's atomic additions happen in L2, not HBM: ``l2_atomic_bytes``
 reports them (du once per tile, dp once per tile run) and the time model
 assumes they hide under the HBM stream; a GPU run checks that.
 
-Constants: measured H200 copy bandwidth and bf16 MMA rate (DESIGN.md §4/§5);
+A quantized W (``quantized``: nf4/fp4/int8/fp8) is read as stored: its codes (half a
+byte or one byte an element) and its fp32 scales (an absmax per ``blocksize`` elements,
+or one per row), once a pass, and the floors count those bytes in place of W's R·M·e;
+W' (forward) is written in the compute dtype ``dtype``, and the backward reads g in that
+dtype and never writes dW. The dequantization's own
+work (a table lookup or a convert, one or two multiplies) is counted as 2 FMAs an element.
+
+Constants: the H200 copy bandwidth and bf16 MMA rate, both measured on that GPU;
 LAUNCH is an assumption (a Triton launch from Python, ~3 µs).
 """
 from __future__ import annotations
@@ -48,6 +55,8 @@ MMA_PEAK = {"fp16": 790e12, "bf16": 790e12}   # flop/s, measured bf16 GEMM
 FMA_PEAK = 33.5e12     # fp32 FMA/s (67 TFLOP/s)
 LAUNCH = 3e-6          # s per launch (assumed)
 ESIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
+#: stored bytes per element of a quantized W, beside its scales
+QBYTES = {"nf4": 0.5, "fp4": 0.5, "int8": 1, "fp8": 1}
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -58,27 +67,43 @@ def _rank_pad(r: int) -> int:
     return max(16, 1 << (r - 1).bit_length())
 
 
+def w_bytes(rows: int, cols: int, dtype: str, quantized: Optional[str] = None,
+            blocksize: int = 64) -> int:
+    """W's bytes as the kernels read them: dense in ``dtype``, or a quantized W's codes and
+    fp32 scales (an absmax per ``blocksize`` elements for 4-bit kinds, one per row else)."""
+    n = rows * cols
+    if quantized is None:
+        return n * ESIZE[dtype]
+    scales = _cdiv(n, blocksize) if QBYTES[quantized] < 1 else rows
+    return math.ceil(n * QBYTES[quantized]) + 4 * scales
+
+
 def _elementwise(order: Optional[int], backward: bool) -> int:
     k = 10 if order is None else order
     return 2 * k + 6 if backward else k + 3
 
 
 def predict(rows: int, cols: int, rank: int, dtype: str, order: Optional[int],
-            kernel: str, need_dw: bool = False, factor_dtype: Optional[str] = None) -> Dict:
+            kernel: str, need_dw: bool = False, factor_dtype: Optional[str] = None,
+            quantized: Optional[str] = None, blocksize: int = 64) -> Dict:
     """Bytes, work and predicted H200 time of one pass (``kernel``: "fwd", "bwd" with
-    atomics, or "bwd-det", the deterministic reduction)."""
+    atomics, or "bwd-det", the deterministic reduction); ``quantized``: W's kind when it
+    is a quantized W (``dtype`` is then its compute dtype; no dW)."""
     from ..backends import workspace
-    from ..backends.triton_backend import bwd_config, bwd_plan
+    from ..backends.triton_backend import bwd_plan
+    from ..backends.triton_configs import QUANTIZED_FORMATS, config
     e, ef = ESIZE[dtype], ESIZE[factor_dtype or dtype]
     n, rp = rows * cols, _rank_pad(rank)
     factors = (rows * rank + rank * cols) * ef
+    w_read = w_bytes(rows, cols, dtype, quantized, blocksize)
     l2_atomic = 0
     if kernel == "fwd":
-        floor = 2 * n * e
+        floor = w_read + n * e
         moved, partial, launches, contractions = floor + factors, 0, 1, 1
     else:
-        floor = (3 if need_dw else 2) * n * e
-        plan = bwd_plan(rows, cols, bwd_config(rp, dtype, factor_dtype == "fp32"),
+        floor = w_read + n * e + (n * e if need_dw else 0)
+        w_format = QUANTIZED_FORMATS[quantized] if quantized else "dense"
+        plan = bwd_plan(rows, cols, config("bwd", dtype, rp, factor_dtype == "fp32", w_format),
                         atomic=kernel == "bwd")
         partial = 4 * plan.scratch_floats(rows, cols, rank)
         col_tiles = _cdiv(cols, plan.cfg.block_c)
@@ -103,7 +128,7 @@ def predict(rows: int, cols: int, rank: int, dtype: str, order: Optional[int],
         mma, fma = 0.0, contractions * rp * n
     else:
         mma, fma = contractions * 2 * rp * n, 0
-    fma += _elementwise(order, kernel != "fwd") * n
+    fma += (_elementwise(order, kernel != "fwd") + (2 if quantized else 0)) * n
     t_mem = moved / BW
     t_compute = (mma / MMA_PEAK[dtype] if mma else 0.0) + fma / FMA_PEAK
     time = max(t_mem, t_compute) + launches * LAUNCH
@@ -130,10 +155,12 @@ def predict_linear_grad(c_out: int, c_in: int, tokens: int, rank: int, dtype: st
     predicted time; ``unfused - fused`` time is what ``bench linear`` should measure as
     the saving.
     """
-    from ..backends.triton_backend import LINEAR_GROUP, linear_bwd_config
+    from ..backends.triton_backend import LINEAR_GROUP
+    from ..backends.triton_configs import config
     e = ESIZE[dtype]
     gemm_flops = 2 * tokens * c_out * c_in
-    row_groups = _cdiv(_cdiv(c_out, linear_bwd_config(_rank_pad(rank)).block_r), LINEAR_GROUP)
+    block_r = config("linear", dtype, _rank_pad(rank)).block_r
+    row_groups = _cdiv(_cdiv(c_out, block_r), LINEAR_GROUP)
     io = tokens * (c_out + c_in * row_groups) * e
     lie = predict(c_out, c_in, rank, dtype, 1, "bwd")
     flops = gemm_flops + lie["mma_flops"]
