@@ -3,6 +3,7 @@ unambiguous method names, min and median, meaningful CPU memory; and it runs end
 import argparse
 import ast
 import csv
+import re
 import subprocess
 import sys
 
@@ -46,6 +47,21 @@ def test_helps_differ_between_subcommands(capsys):
     assert "--shapes" in texts["sweep"] and "--shapes" not in texts["multi"]
 
 
+@pytest.mark.parametrize("command, files", [
+    ("sweep", {"sweep.txt", "sweep.csv", "sweep.png"}),
+    ("cpu-core", {"cpu-core.txt"}),
+    ("train", {"train.txt", "train.csv", "train.png"}),
+    ("multi", {"multi.txt"}),
+    ("roofline", {"roofline.txt", "roofline.csv"}),
+    ("linear", {"linear.txt"}),
+])
+def test_out_help_names_exactly_the_files_the_subcommand_writes(command, files):
+    sub = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    out = next(a for a in sub.choices[command]._actions if "--out" in a.option_strings)
+    assert set(re.findall(r"[\w<>-]+\.(?:txt|csv|png)", out.help)) == files, out.help
+    assert "CSV" not in out.help and "PNG" not in out.help
+
+
 @pytest.mark.parametrize("argv, named", [
     (["--shapes", "nonsense"], "resnet50.3x3.64"),
     (["sweep", "--shapes", "resnet50.3x3.64,nonsense"], "linear.4096x4096"),
@@ -84,6 +100,30 @@ def test_no_subcommand_means_sweep():
     a = cli.parse(["--shapes", "all", "--orders", "1,exact", "--quick"])
     assert a.command == "sweep" and a.shapes == ["all"] and a.orders == [1, None]
     assert cli.parse([]).command == "sweep"
+
+
+def test_quick_sweep_times_a_few_points_without_compile(monkeypatch, capsys, tmp_path):
+    """--quick is a smoke test: a few points and no torch.compile (whose compilation
+    alone took minutes), unless flags say otherwise; the full default is unchanged."""
+    monkeypatch.setattr(measure, "EFFORT", dict(measure.EFFORT))  # --quick lowers it
+    calls = []
+    monkeypatch.setattr(sweep, "run", lambda *a: calls.append(a) or ([], []))
+    monkeypatch.setattr(sweep, "write_csv", lambda *a: None)
+    monkeypatch.setattr(sweep, "plot", lambda *a: None)
+    for argv in (["--quick"], ["--quick", "--compile"], []):
+        cli.main(argv + ["--device", "cpu", "--out", str(tmp_path)])
+    points = [len(c[1]) * len(c[2]) * len(c[3]) * len(c[4]) * len(c[5]) for c in calls]
+    assert points == [8, 8, 30]
+    assert [c[7] for c in calls] == [False, True, True]  # with_compile
+    assert capsys.readouterr().out.count("torch.compile(reference) skipped") == 1
+
+
+def test_quick_cpu_core_skips_compile(monkeypatch, tmp_path):
+    monkeypatch.setattr(measure, "EFFORT", dict(measure.EFFORT))
+    calls = []
+    monkeypatch.setattr(cpu_core, "run", lambda log, **kw: calls.append(kw))
+    cli.main(["cpu-core", "--quick", "--out", str(tmp_path)])
+    assert calls == [dict(shapes=cpu_core.NAMES[-1:], with_compile=False, with_memory=True)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
@@ -129,9 +169,10 @@ def test_cpu_peak_memory_sees_reused_heap_blocks():
     assert len(peaks) == 3 and all(8.0 <= p < 8.1 for p in peaks), peaks
 
 
+@pytest.mark.slow
 def test_sweep_writes_table_legend_csv_and_plot(tmp_path):
     out = _run("--shapes", "resnet50.3x3.64", "--orders", "1,4", "--params",
-               "tucker,lowrank", "--quick", "--out", str(tmp_path))
+               "tucker,lowrank", "--quick", "--compile", "--out", str(tmp_path))
     assert "copy bandwidth" in out and "skipped triton" in out
     assert out.count("# legend:") == 1
     for name, _ in sweep.LEGEND:
@@ -156,6 +197,76 @@ def test_sweep_writes_table_legend_csv_and_plot(tmp_path):
     assert (tmp_path / "sweep.txt").read_text() == out
 
 
+@pytest.mark.slow
+def test_quick_sweep_is_a_smoke_test(tmp_path):
+    """`--quick` alone: a few points, no torch.compile, and the output says so."""
+    out = _run("--quick", "--out", str(tmp_path))
+    assert "torch.compile(reference) skipped" in out
+    with open(tmp_path / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len({(r["case"], r["param"], r["order"]) for r in rows}) <= 8
+    assert "torch.compile(reference)" not in {r["method"] for r in rows}
+
+
+def _row(case, order, method, ms, spread=1.0):
+    return dict(case=case, param="lowrank", order=order, dtype="fp32", method=method,
+                ms_min=ms, ms_median=ms * spread, peak_MiB=ms + 1.0, **{"pass": "fwdbwd"})
+
+
+#: two points whose ratios span 0.005x to 10x (once crowded the axis); one noisy timing
+_ROWS = [_row("resnet50.3x3.256", 1, "lie_kernels[torch]", 0.005),
+         _row("resnet50.3x3.256", 1, "eager reference", 1.0),
+         _row("resnet50.3x3.256", 1, "PEFT HiRA formula", 0.5),
+         _row("linear.4096x4096", "exact", "lie_kernels[torch]", 10.0, spread=2.0),
+         _row("linear.4096x4096", "exact", "eager reference", 1.0)]
+_RUN = "2026-01-02 03:04 UTC, cpu (Xeon, 2 threads), torch 2.x"
+
+
+def _drawn_text(fig):
+    """Every text the PNG shows (an axis keeps spare ticks out of view: not those)."""
+    from matplotlib.text import Text
+    fig.draw_without_rendering()  # lays out ticks and text
+    in_view = {}
+    for axis in (axis for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)):
+        lo, hi = sorted(axis.get_view_interval())
+        for tick in axis.majorTicks + axis.minorTicks:
+            in_view[id(tick.label1)] = lo <= tick.get_loc() <= hi
+    return [t for t in dict.fromkeys(fig.findobj(Text)) if in_view.get(id(t), True)
+            and t.get_visible() and t.get_text().strip()]
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_sweep_plot_carries_mode_caveats_and_legend(quick):
+    """The PNG travels without the table: it says what run it is, repeats the run's
+    warnings and explains its rows and names; a noisy bar is hatched."""
+    warning = measure.busy_warning({"a": measure.Timing(1.0, 1.0, 3),
+                                    "b": measure.Timing(1.0, 2.0, 3)}, "cpu")
+    fig = sweep.figure(_ROWS, _RUN, quick, [warning])
+    text = " ".join(" ".join(t.get_text() for t in _drawn_text(fig)).split())
+    assert "noisy timings: 1 of 2 have median/min > 1.3" in text and _RUN in text
+    assert ("QUICK run" in text) == quick and ("full run" in text) != quick
+    assert ("--quick: a smoke test, not a measurement" in text) == quick
+    for needle in ("rows: <case> <param> o=<order> <dtype> <pass>",
+                   "o= : the order K of the series exp_K", "fwdbwd = build W' and backprop",
+                   "resnet50.3x3.256 = a 3x3 conv of ResNet-50",
+                   "lie_kernels[<backend>] = this library's fused op on that backend (torch:",
+                   "eager reference = the naive formula", "hatched = a noisy timing"):
+        assert needle in text
+    time_panel = fig.axes[0]
+    assert [p.get_hatch() for p in time_panel.patches if p.get_hatch()] == ["////"]
+
+
+def test_sweep_plot_text_does_not_overlap():
+    """Tick labels (once "0.005x0.01x"), the 1x label, the title and the legend each
+    stand clear of every other text."""
+    fig = sweep.figure(_ROWS, _RUN, True, ["# WARNING: noisy timings: 1 of 2 ..."])
+    boxes = [(t.get_text(), t.get_window_extent()) for t in _drawn_text(fig)]
+    clashes = [(a, b) for i, (a, x) in enumerate(boxes) for b, y in boxes[i + 1:]
+               if x.overlaps(y)]
+    assert not clashes
+
+
+@pytest.mark.slow
 def test_bad_shapes_write_nothing(tmp_path):
     out = subprocess.run([sys.executable, "-m", "lie_kernels.bench", "--shapes", "nonsense",
                           "--out", str(tmp_path / "o")], capture_output=True, text=True)
@@ -163,6 +274,7 @@ def test_bad_shapes_write_nothing(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_cpu_core_quick(tmp_path):
     out = _run("cpu-core", "--quick", "--no-compile", "--out", str(tmp_path))
     assert "lie_kernels[torch]" in out and "eager reference" in out and "# legend:" in out
@@ -171,6 +283,7 @@ def test_cpu_core_quick(tmp_path):
                                        out.splitlines())
 
 
+@pytest.mark.slow
 def test_multi_and_train_subcommands(tmp_path):
     for cmd, needle in (("multi", "grouped_med"), ("train", "LieRA order=exact")):
         out = _run(cmd, "--quick", "--out", str(tmp_path))
@@ -207,6 +320,41 @@ def test_train_rows_are_medians_over_interleaved_processes(monkeypatch):
     assert failed["error"] == "boom" and "time_vs_lora" not in failed
 
 
+@pytest.mark.parametrize("model, layer, flag", [("llama-all-nf4", "Linear4bit", "4bit"),
+                                                ("llama-all-int8", "Linear8bitLt", "8bit")])
+def test_train_quantized_llama_keeps_lm_head_and_embeddings_dense(model, layer, flag):
+    """Every decoder linear layer is a quantized bitsandbytes one (the flag tells PEFT to
+    use its bitsandbytes layers); lm_head and the embeddings stay dense."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from lie_kernels.bench import train
+    m, _, _, targets = train.build(model, 1, 32, 8, "cpu")
+    decoder = [mod for mod in m.model.layers.modules() if isinstance(mod, torch.nn.Linear)]
+    assert len(decoder) == len(targets) == 28
+    assert all(type(mod) is getattr(bnb.nn, layer) for mod in decoder)
+    assert all(m.get_submodule(t).weight.dtype in (torch.uint8, torch.int8) for t in targets)
+    assert type(m.lm_head) is torch.nn.Linear and m.lm_head.weight.dtype == torch.float32
+    assert getattr(m, f"is_loaded_in_{flag}") is True
+
+
+@pytest.mark.slow
+def test_train_quantized_models_run_every_method_but_full_fine_tune(tmp_path):
+    """Quick `train` on the nf4 and int8 Llama: each model's rows are the adapter methods
+    asked for, measured, with ratios to PEFT LoRA on it; full fine-tuning is not run on a
+    quantized base, and the output says so."""
+    pytest.importorskip("bitsandbytes")
+    out = _run("train", "--quick", "--models", "llama-all-nf4,llama-all-int8",
+               "--methods", "lora,liera-exact,full", "--out", str(tmp_path), timeout=600)
+    assert "full fine-tune: not run on llama-all-nf4, llama-all-int8" in out
+    with open(tmp_path / "train.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["method"]) for r in rows] == [
+        (m, meth) for m in ("llama-all-nf4", "llama-all-int8")
+        for meth in ("PEFT LoRA", "LieRA order=exact")]
+    assert all(not r["error"] and float(r["peak_mib"]) > 0 and r["mem_vs_lora"]
+               for r in rows)
+
+
+@pytest.mark.slow
 def test_linear_says_what_it_needs_without_a_gpu(tmp_path):
     """`linear` times the fused Linear backward on a GPU; here it says why it measured
     nothing (and still writes its file), rather than timing the interpreter."""
@@ -226,16 +374,16 @@ def test_linear_measures_the_fused_and_the_unfused_backward(monkeypatch):
     if not usable:
         pytest.skip(f"triton unusable here: {why}")
     be = get_backend("triton")
-    launches, real = [], triton_backend.K.lie_linear_bwd_kernel
+    launches, real = [], triton_backend.kernels.lie_linear_bwd_kernel
 
     class Spy:  # records, per launch, whether the unfused override was in place
         def __getitem__(self, grid):
             launches.append("linear_backward" in vars(be))
             return real[grid]
-    monkeypatch.setattr(triton_backend.K, "lie_linear_bwd_kernel", Spy())
+    monkeypatch.setattr(triton_backend.kernels, "lie_linear_bwd_kernel", Spy())
     monkeypatch.setitem(measure.EFFORT, "warmup", 0)
     monkeypatch.setitem(measure.EFFORT, "max_reps", 1)
-    from lie_kernels import layer_ops
+    from lie_kernels.ops import layer as layer_ops
     monkeypatch.setattr(layer_ops, "FUSE_MIN_NUMEL", 0)  # the GPU shapes are far above it
     default, formed = triton_backend.Backend.linear_backward, []
     monkeypatch.setattr(triton_backend.Backend, "linear_backward",

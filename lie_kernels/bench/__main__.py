@@ -17,7 +17,7 @@ import torch
 import lie_kernels as lk
 
 from . import cpu_core, measure, sweep
-from .shapes import CPU_DEFAULT, SWEEP
+from .shapes import CPU_DEFAULT, QUICK, SWEEP
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -56,8 +56,21 @@ def _positive_int(s):
     return n
 
 
+def _cpu_name() -> str:
+    """The CPU model (platform.processor() is empty on most Linux systems)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _device_line(device: str) -> str:
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    name = (torch.cuda.get_device_name() if device == "cuda" else
+            f"{_cpu_name()}, {torch.get_num_threads()} threads")
     try:
         import triton
         tv = triton.__version__
@@ -70,26 +83,35 @@ def _device_line(device: str) -> str:
 
 # -- shared flags ------------------------------------------------------------------------
 
-def _common(p, device=True):
+def _common(p, writes, quick, device=True):
+    """The flags every subcommand takes; ``writes``: its files under --out; ``quick``:
+    what --quick cuts."""
     if device:
         p.add_argument("--device", choices=["cpu", "cuda"], default=DEFAULT_DEVICE,
                        help=f"where to run (default here: {DEFAULT_DEVICE})")
     p.add_argument("--out", default="bench/results/local", metavar="DIR",
-                   help="folder for <command>.txt (and the sweep's CSV and PNG); "
-                   "default: %(default)s (git-ignored)")
+                   help=f"folder for {writes}; default: %(default)s (git-ignored)")
     p.add_argument("--quick", action="store_true",
-                   help="minimal repeats and sizes: a smoke test of the command, not a "
-                   "measurement")
+                   help=f"a smoke test of the command, not a measurement: {quick}")
+
+
+def _compile_flag(p, text):
+    """--compile/--no-compile, on unless --quick (compiling dwarfs a smoke test)."""
+    p.add_argument("--compile", dest="with_compile", action=argparse.BooleanOptionalAction,
+                   default=None, help=f"{text} (default: on; off with --quick)")
 
 
 # -- sweep -------------------------------------------------------------------------------
 
 def _sweep_args(p):
-    _common(p)
+    _common(p, "sweep.txt (the table), sweep.csv and sweep.png (the plot)",
+            f"cases {' and '.join(QUICK)}, orders 1 and exact, fp32, fwdbwd, 3 repeats on "
+            "CPU, torch.compile(reference) off; flags given explicitly still apply")
     names = [c.name for c in SWEEP]
     p.add_argument("--shapes", type=_choices_list(names, "shape", extra=("all",)),
                    metavar="LIST", help="comma list of cases, or 'all'; default on CPU: "
-                   f"{', '.join(CPU_DEFAULT)}; on CUDA: all. Cases: {', '.join(names)}")
+                   f"{', '.join(CPU_DEFAULT)}; on CUDA: all; --quick: {', '.join(QUICK)}. "
+                   f"Cases: {', '.join(names)}")
     p.add_argument("--params", type=_choices_list(["tucker", "lowrank"], "parametrization"),
                    default=["tucker", "lowrank"], metavar="LIST",
                    help="parametrizations of the update: tucker, lowrank (default: both)")
@@ -105,47 +127,65 @@ def _sweep_args(p):
     p.add_argument("--backends", type=_choices_list(list(lk.available_backends()), "backend"),
                    metavar="LIST", help="lie_kernels backends to time (default: every usable "
                    "one; triton is skipped on CPU, where it is only the interpreter)")
-    p.add_argument("--compile", dest="with_compile", action=argparse.BooleanOptionalAction,
-                   default=True, help="also time torch.compile(reference) (inductor; compile "
-                   "time excluded; on CPU about 3 s of compilation per shape and order, "
-                   "15 s for the first)")
+    _compile_flag(p, "also time torch.compile(reference) (inductor; compile time excluded; "
+                  "on CPU about 3 s of compilation per shape and order, 15 s for the first)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure each method's peak tensor memory (see the legend)")
 
 
-def _run_sweep(a, log):
+def _sweep_plan(a):
+    """(cases, orders, dtypes, passes): the flags given, else the defaults of the device
+    (and of --quick)."""
     gpu = a.device == "cuda"
-    cases = (CPU_DEFAULT if not gpu and a.shapes is None else
-             [c.name for c in SWEEP] if a.shapes is None or "all" in a.shapes else a.shapes)
-    orders = a.orders or ([1, 2, 4, None] if gpu else [1, 4, None])
-    dtypes = a.dtypes or (["fp32", "bf16"] if gpu else ["fp32"])
-    passes = a.passes or (["fwd", "fwdbwd"] if gpu else ["fwdbwd"])
+    if a.shapes is None:
+        cases = QUICK if a.quick else CPU_DEFAULT if not gpu else [c.name for c in SWEEP]
+    else:
+        cases = [c.name for c in SWEEP] if "all" in a.shapes else a.shapes
+    orders = a.orders or ([1, None] if a.quick else [1, 2, 4, None] if gpu else [1, 4, None])
+    dtypes = a.dtypes or (["fp32", "bf16"] if gpu and not a.quick else ["fp32"])
+    passes = a.passes or (["fwd", "fwdbwd"] if gpu and not a.quick else ["fwdbwd"])
+    return cases, orders, dtypes, passes
+
+
+def _quick_line(a) -> str:
+    return ("# --quick: a smoke test, not a measurement (few repeats on CPU"
+            + ("" if a.with_compile else "; torch.compile(reference) skipped, --compile "
+               "times it") + ")")
+
+
+def _run_sweep(a, log):
+    cases, orders, dtypes, passes = _sweep_plan(a)
+    if a.quick:
+        log(_quick_line(a))
     backends = sweep.usable_backends(a.device, a.backends, log)
     log(f"# shapes={','.join(cases)} params={','.join(a.params)} "
         f"orders={','.join('exact' if o is None else str(o) for o in orders)} "
         f"dtypes={','.join(dtypes)} passes={','.join(passes)} compile={a.with_compile}")
-    rows = sweep.run(a.device, cases, a.params, orders, dtypes, passes, backends,
-                     a.with_compile, a.memory, log)
+    rows, caveats = sweep.run(a.device, cases, a.params, orders, dtypes, passes, backends,
+                              a.with_compile, a.memory, log)
     sweep.write_csv(rows, os.path.join(a.out, "sweep.csv"))
-    sweep.plot(rows, os.path.join(a.out, "sweep.png"), _device_line(a.device).lstrip("# "))
+    sweep.plot(rows, os.path.join(a.out, "sweep.png"), _device_line(a.device).lstrip("# "),
+               a.quick, caveats)
     log(f"# wrote {a.out}/sweep.csv and {a.out}/sweep.png")
 
 
 # -- cpu-core ----------------------------------------------------------------------------
 
 def _cpu_core_args(p):
-    _common(p, device=False)
+    _common(p, "cpu-core.txt (the table)", f"{cpu_core.NAMES[-1]} only, 3 repeats, "
+            "torch.compile(reference) off; flags given explicitly still apply", device=False)
     p.add_argument("--shapes", type=_choices_list(cpu_core.NAMES, "shape"), metavar="LIST",
                    help=f"comma list of cases (default: all; --quick: {cpu_core.NAMES[-1]}): "
                    f"{', '.join(cpu_core.NAMES)}")
-    p.add_argument("--compile", dest="with_compile", action=argparse.BooleanOptionalAction,
-                   default=True, help="also time torch.compile(reference)")
+    _compile_flag(p, "also time torch.compile(reference)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure peak memory in a fresh process per case and method "
                    "(about 3 s each)")
 
 
 def _run_cpu_core(a, log):
+    if a.quick:
+        log(_quick_line(a))
     shapes = a.shapes or (cpu_core.NAMES[-1:] if a.quick else None)  # quick: smallest only
     cpu_core.run(log, shapes=shapes, with_compile=a.with_compile, with_memory=a.memory)
 
@@ -154,7 +194,9 @@ def _run_cpu_core(a, log):
 
 def _train_args(p):
     from . import train
-    _common(p)
+    _common(p, "train.txt (the table), train.csv and train.png (the plot)",
+            f"{', '.join(train.QUICK_MODELS)} with {', '.join(train.QUICK_METHODS)}, "
+            "a small batch, 1 timed step, 1 process per row")
     p.add_argument("--models", type=_choices_list(train.MODELS, "model"), metavar="LIST",
                    help=f"comma list of {', '.join(train.MODELS)} (default: all)")
     p.add_argument("--methods", type=_choices_list(list(train.METHOD_KEYS), "method"),
@@ -175,7 +217,7 @@ def _run_train(a, log):
 # -- multi -------------------------------------------------------------------------------
 
 def _multi_args(p):
-    _common(p)
+    _common(p, "multi.txt (the table)", "order 1, 3 repeats on CPU")
     p.add_argument("--orders", type=_orders, metavar="LIST",
                    help="series orders, integers >= 0 or 'exact' (default: 1,4,exact; "
                    "--quick: 1)")
@@ -189,7 +231,9 @@ def _run_multi(a, log):
 # -- roofline ----------------------------------------------------------------------------
 
 def _roofline_args(p):
-    _common(p, device=False)
+    _common(p, "roofline.txt (the table) and roofline.csv",
+            "no effect (nothing is measured; the full table takes about a second)",
+            device=False)
     p.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")], metavar="LIST",
                    help="low-rank ranks to predict (default: each sweep case's own rank)")
 
@@ -203,7 +247,7 @@ def _run_roofline(a, log):
 
 def _linear_args(p):
     from . import linear_bwd
-    _common(p)
+    _common(p, "linear.txt (the table)", "the first shape only, 256 tokens")
     p.add_argument("--dtype", choices=list(linear_bwd.DTYPES), default="bf16",
                    help="W, x and gradient dtype (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=8192,
@@ -265,6 +309,8 @@ def parse(argv=None) -> argparse.Namespace:
                   f"{', '.join(flags)}")
     if getattr(a, "device", None) == "cuda" and not torch.cuda.is_available():
         own.error("--device cuda: no CUDA device is visible to torch here; valid: cpu")
+    if getattr(a, "with_compile", False) is None:
+        a.with_compile = not a.quick
     return a
 
 

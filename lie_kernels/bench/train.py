@@ -8,20 +8,23 @@ Models come from their own libraries with random weights (nothing is downloaded)
 * ``convnext-mlp``: the same model with the Linear MLPs adapted by every method, so the
   LieRA and PEFT rows adapt the same layers;
 * ``llama-qv`` / ``llama-all``: transformers Llama from a small config (hidden 512,
-  4 layers), adapting q_proj/v_proj (PEFT's MetaMathQA setting) or every linear layer.
+  4 layers), adapting q_proj/v_proj (PEFT's MetaMathQA setting) or every linear layer;
+* ``llama-all-nf4`` / ``llama-all-int8``: ``llama-all`` with every decoder linear layer
+  in bitsandbytes ``Linear4bit`` (nf4, QLoRA's setting) or ``Linear8bitLt`` (LLM.int8);
+  PEFT adapts them with its bitsandbytes layers, full fine-tuning is not run.
 
 Every method gets the same rank and targets. Each (model, method) runs in fresh
 processes (``repeats`` of them, all methods of a model in turn before the next round):
-median step time after a warm-up step, and peak memory above the process's memory
-right before the first step (CPU: peak RSS, reset through ``/proc/self/clear_refs``;
-CUDA: ``max_memory_allocated``), which includes the AdamW state. A row gives the
-medians over its processes and the range of its peaks; both medians are also given
-as ratios to PEFT LoRA. Output: table, CSV and PNG.
+median step time of the steps after two untimed ones, and the peak memory of those two
+above what was live before them, which includes the AdamW state: the most tensor memory
+live at once as PyTorch's allocator counts it (``measure.peak_mib``; on CPU scratch
+memory that oneDNN, MKL or bitsandbytes' native code allocate themselves is not seen).
+A row gives the medians over its processes and the range of its peaks; both medians are
+also given as ratios to PEFT LoRA on the same model. Output: table, CSV and PNG.
 """
 from __future__ import annotations
 
 import csv
-import gc
 import json
 import os
 import statistics
@@ -36,9 +39,13 @@ from torch.nn import functional as F
 
 from . import measure
 
-MODELS = ["resnet18", "convnext", "convnext-mlp", "llama-qv", "llama-all"]
+#: ``llama-all`` with its decoder's linear layers in bitsandbytes 4 or 8 bits (QLoRA's base)
+QUANTIZED = {"llama-all-nf4": "nf4", "llama-all-int8": "int8"}
+MODELS = ["resnet18", "convnext", "convnext-mlp", "llama-qv", "llama-all", *QUANTIZED]
+#: the method that trains W itself, which a quantized base does not allow
+FULL = "full fine-tune"
 METHODS = ["PEFT LoRA", "PEFT HiRA", "PEFT HiRA + patch_hira", "LieRA order=1",
-           "LieRA order=4", "LieRA order=exact", "full fine-tune"]
+           "LieRA order=4", "LieRA order=exact", FULL]
 REFERENCE = "PEFT LoRA"
 #: command-line keys of the methods
 METHOD_KEYS = dict(zip(["lora", "hira", "hira-patched", "liera1", "liera4", "liera-exact",
@@ -46,13 +53,14 @@ METHOD_KEYS = dict(zip(["lora", "hira", "hira-patched", "liera1", "liera4", "lie
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 #: (batch, image size, sequence length, timed steps, fresh processes per row): full run /
-#: --quick (CI). A row's peak RSS moves by up to ±10% from one process to the next (heap
-#: layout); the median over 3 processes, methods interleaved, steadies the ratios.
+#: --quick (CI). On a shared machine step times drift from one process to the next; the
+#: median over 3 processes, methods interleaved, steadies the ratios.
 SETTINGS = {"full": dict(batch=8, size=96, seq=256, steps=6, repeats=3),
             "quick": dict(batch=2, size=32, seq=32, steps=1, repeats=1)}
-#: --quick is a smoke test of the command (3 fresh processes), not a measurement
+#: --quick is a smoke test of the command, not a measurement: 2 fresh processes (the
+#: reference and LieRA; each costs about 8 s of imports and set-up on a 2-core CPU)
 QUICK_MODELS = ["resnet18"]
-QUICK_METHODS = [REFERENCE, "PEFT HiRA + patch_hira", "LieRA order=exact"]
+QUICK_METHODS = [REFERENCE, "LieRA order=exact"]
 
 
 # -- models -----------------------------------------------------------------------------
@@ -74,11 +82,13 @@ def build(model_name: str, batch: int, size: int, seq: int, device: str):
                           num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
                           max_position_embeddings=max(seq, 64))
         model = LlamaForCausalLM(cfg)
+        if model_name in QUANTIZED:
+            _quantize_decoder(model, QUANTIZED[model_name])
         names = ["q_proj", "v_proj"] if model_name == "llama-qv" else LLAMA_ALL
         targets = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names]
     else:
         raise ValueError(f"model must be one of {MODELS}, got {model_name!r}")
-    model = model.to(device)
+    model = model.to(device)  # quantizes the bitsandbytes weights
     if model_name.startswith("llama"):
         ids = torch.randint(0, 4096, (batch, seq), device=device)
         return model, ids, (lambda m, x: m(input_ids=x, labels=x).loss), targets
@@ -87,9 +97,37 @@ def build(model_name: str, batch: int, size: int, seq: int, device: str):
     return model, x, (lambda m, inp: F.cross_entropy(m(inp), y)), targets
 
 
+def _quantize_decoder(model: nn.Module, kind: str) -> None:
+    """Every nn.Linear of the decoder layers (not lm_head nor the embeddings) becomes a
+    bitsandbytes layer holding its dense weight, quantized by the model's ``.to(device)``;
+    QLoRA's 4-bit setting (nf4, fp32 compute, double-quantized statistics) or LLM.int8.
+    The ``is_loaded_in_*`` flag is what PEFT reads to pick its bitsandbytes layers."""
+    import bitsandbytes as bnb
+    for layer in model.model.layers:
+        for name, lin in list(layer.named_modules()):
+            if type(lin) is not nn.Linear:
+                continue
+            args = (lin.in_features, lin.out_features, lin.bias is not None)
+            if kind == "nf4":
+                q = bnb.nn.Linear4bit(*args, compute_dtype=torch.float32,
+                                      compress_statistics=True, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4",
+                                             module=q)
+            else:
+                q = bnb.nn.Linear8bitLt(*args, has_fp16_weights=False)
+                q.weight = bnb.nn.Int8Params(lin.weight.data, requires_grad=False,
+                                             has_fp16_weights=False)
+            if lin.bias is not None:
+                q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, child, q)
+    setattr(model, "is_loaded_in_4bit" if kind == "nf4" else "is_loaded_in_8bit", True)
+
+
 def adapt(model: nn.Module, method: str, targets: List[str], rank: int) -> nn.Module:
     """``model`` with ``method``'s trainable parameters (same rank and targets for all)."""
-    if method == "full fine-tune":
+    if method == FULL:
         return model.requires_grad_(True)
     if method.startswith("LieRA"):
         import lie_kernels as lk
@@ -123,15 +161,6 @@ def stepper(model: nn.Module, inputs, loss_fn):
 
 
 # -- one (model, method) in this process --------------------------------------------------
-def _reset_cpu_peak() -> bool:
-    try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _adapted_layers(model: nn.Module) -> int:
     import lie_kernels as lk
     peft_types = ()
@@ -147,31 +176,26 @@ def measure_one(model_name: str, method: str, device: str, rank: int, batch: int
                 seq: int, steps: int) -> Dict:
     model, inputs, loss_fn, targets = build(model_name, batch, size, seq, device)
     model = adapt(model, method, targets, rank)
-    adapted = len(targets) if method == "full fine-tune" else _adapted_layers(model)
+    adapted = len(targets) if method == FULL else _adapted_layers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     step = stepper(model, inputs, loss_fn)
     import lie_kernels as lk
-    lk.available_backends()  # the backend probe imports triton (~75 MiB RSS): an import
-    gc.collect()             # cost, not a step cost; paid here by every method alike
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        _reset_cpu_peak()
-        base = measure._status_mib("VmRSS")
+    # the backend probe (it imports triton) is a set-up cost: paid here by every method
+    # alike, outside the measured steps
+    lk.available_backends()
+    # the peak spans the warm-up step, which allocates the AdamW state, and one more,
+    # whose forward and backward run with that state live; neither is timed (the CPU
+    # allocator's events are recorded by torch.profiler, which slows the steps it watches)
+    peak = measure.peak_mib(lambda: (step(), step()), device)
+    if peak is None:
+        raise RuntimeError("this torch does not record the CPU allocator's events")
     times = []
-    for i in range(steps + 1):  # step 0 warms up (and allocates the AdamW state)
+    for _ in range(steps):
         measure.sync(device)
         t0 = time.perf_counter()
         step()
         measure.sync(device)
-        if i:
-            times.append((time.perf_counter() - t0) * 1e3)
-    if device == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    else:
-        peak = measure._status_mib("VmHWM") - base
+        times.append((time.perf_counter() - t0) * 1e3)
     return dict(model=model_name, method=method, targets=adapted, trainable=trainable,
                 ms=statistics.median(times), peak_mib=peak)
 
@@ -214,17 +238,23 @@ def run(device: str, log=print, models: Optional[List[str]] = None,
     methods = list(dict.fromkeys(methods or (QUICK_METHODS if quick else METHODS)))
     log(f"# training step, AdamW, rank {rank}, {device}; images: batch {s['batch']} at "
         f"{s['size']}x{s['size']}, Llama: batch {s['batch']} x {s['seq']} tokens; median of "
-        f"{s['steps']} steps after 1 warm-up; peak = "
-        + ("max_memory_allocated" if device == "cuda" else "peak RSS")
-        + f" above the pre-step baseline; {s['repeats']} fresh process(es) per row, methods "
-        "interleaved: medians over them, peak range in brackets")
+        f"{s['steps']} steps after 2 untimed ones; peak = "
+        + ("max_memory_allocated" if device == "cuda" else "the CPU allocator's events")
+        + " over the 2 untimed steps, above the memory live before them; "
+        f"{s['repeats']} fresh process(es) per row, methods interleaved: medians over "
+        "them, peak range in brackets")
+    skipped = [m for m in models if m in QUANTIZED] if FULL in methods else []
+    if skipped:
+        log(f"# {FULL}: not run on {', '.join(skipped)}: a quantized base weight is "
+            "stored as integer codes, which take no gradient")
     rows = []
     for m in models:
-        runs: Dict[str, List[Dict]] = {meth: [] for meth in methods}
+        meths = [x for x in methods if not (m in skipped and x == FULL)]
+        runs: Dict[str, List[Dict]] = {meth: [] for meth in meths}
         for _ in range(s["repeats"]):
-            for meth in methods:
+            for meth in meths:
                 runs[meth].append(_fresh(m, meth, device, rank, s))
-        rows += [_median_row(runs[meth]) for meth in methods]
+        rows += [_median_row(runs[meth]) for meth in meths]
     for m in models:
         ref = next((r for r in rows if r["model"] == m and r["method"] == REFERENCE
                     and "error" not in r), None)
@@ -232,20 +262,22 @@ def run(device: str, log=print, models: Optional[List[str]] = None,
             if r["model"] == m and "error" not in r and ref is not None:
                 r["time_vs_lora"] = r["ms"] / ref["ms"]
                 r["mem_vs_lora"] = r["peak_mib"] / max(ref["peak_mib"], 1e-9)
-    log(f"{'model':<13}{'method':<24}{'targets':>8}{'trainable':>11}{'step ms':>10}"
+    log(f"{'model':<15}{'method':<24}{'targets':>8}{'trainable':>11}{'step ms':>10}"
         f"{'peak MiB':>10}{'[range]':>15}{'time/LoRA':>11}{'mem/LoRA':>10}")
     for r in rows:
         if "error" in r:
-            log(f"{r['model']:<13}{r['method']:<24}  failed: {r['error']}")
+            log(f"{r['model']:<15}{r['method']:<24}  failed: {r['error']}")
             continue
         tl, ml = r.get("time_vs_lora"), r.get("mem_vs_lora")
         span = f"[{r['peak_min']:.0f}-{r['peak_max']:.0f}]"
-        log(f"{r['model']:<13}{r['method']:<24}{r['targets']:>8}{r['trainable']:>11}{r['ms']:>10.1f}"
+        log(f"{r['model']:<15}{r['method']:<24}{r['targets']:>8}{r['trainable']:>11}{r['ms']:>10.1f}"
             f"{r['peak_mib']:>10.1f}{span:>15}{'-' if tl is None else f'{tl:.2f}':>11}"
             f"{'-' if ml is None else f'{ml:.2f}':>10}")
     if out:
         write_csv(rows, os.path.join(out, "train.csv"))
-        plot(rows, os.path.join(out, "train.png"))
+        plot(rows, os.path.join(out, "train.png"),
+             f"{FULL}: not run on {', '.join(skipped)} (quantized base)"
+             if skipped else None)
         log(f"# wrote {os.path.join(out, 'train.csv')} and train.png")
     return rows
 
@@ -257,7 +289,7 @@ def write_csv(rows: List[Dict], path: str) -> None:
         wr.writerows(rows)
 
 
-def plot(rows: List[Dict], path: str) -> None:
+def plot(rows: List[Dict], path: str, note: Optional[str] = None) -> None:
     """Step time and peak memory as ratios to PEFT LoRA, one group of bars per model."""
     import matplotlib
     matplotlib.use("Agg")
@@ -277,7 +309,7 @@ def plot(rows: List[Dict], path: str) -> None:
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))], models)
         ax.set_title(title)
-    axes[1].legend(fontsize=7, loc="upper left")
+    axes[1].legend(fontsize=7, loc="upper left", title=note, title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
