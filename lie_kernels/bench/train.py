@@ -298,7 +298,7 @@ def plot(rows: List[Dict], path: str, note: Optional[str] = None) -> None:
     ok = [r for r in rows if "time_vs_lora" in r]
     models = list(dict.fromkeys(r["model"] for r in ok))
     methods = list(dict.fromkeys(r["method"] for r in ok))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=False)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.5), sharey=False)
     width = 0.8 / max(len(methods), 1)
     for ax, key, title in zip(axes, ("time_vs_lora", "mem_vs_lora"),
                               ("step time / PEFT LoRA", "peak memory / PEFT LoRA")):
@@ -309,7 +309,9 @@ def plot(rows: List[Dict], path: str, note: Optional[str] = None) -> None:
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))], models)
         ax.set_title(title)
-    axes[1].legend(fontsize=7, loc="upper left", title=note, title_fontsize=7)
+    # beside the panel: inside it the legend (and its note) would hide bars
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), title=note,
+                   title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
