@@ -16,7 +16,9 @@ gradient reaches it. ``from_bnb`` reads bitsandbytes' ``Params4bit``/``Int8Param
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import torch
@@ -95,35 +97,67 @@ class QuantizedWeight:
     # -- dequantization ----------------------------------------------------------------
     def rows(self, r0: int, n: int, dtype: torch.dtype = torch.float32,
              out: Optional[Tensor] = None) -> Tensor:
-        """``deq(W)[r0:r0+n]`` as an ``(n, M)`` tensor of ``dtype`` (into ``out``): computed
-        in fp32, as bitsandbytes does, then cast."""
+        """``deq(W)[r0:r0+n]`` as an ``(n, M)`` tensor of ``dtype`` (into ``out`` if given,
+        else a new tensor): computed in fp32, as bitsandbytes does, then cast."""
         cols = self.shape[1]
         if dtype != torch.float32:
             w = self.rows(r0, n)
             return w.to(dtype) if out is None else out.copy_(w)
+        native = self._native_rows(r0, n) if self.packed else None
+        if native is not None:
+            return native if out is None else out.copy_(native)
         if out is None:
             out = torch.empty((n, cols), dtype=dtype, device=self.device)
         if not self.packed:
             q = self.data.view(self.shape)[r0:r0 + n]
             out = torch.mul(q.to(torch.float32), self.scales[r0:r0 + n, None], out=out)
             return out.mul_(INT8_STEP) if self.kind == "int8" else out
-        e0, e1 = r0 * cols, (r0 + n) * cols
+        e0, e1, bs = r0 * cols, (r0 + n) * cols, self.blocksize
         flat = out.view(-1)
-        if e0 % 2 == 0 and e1 % 2 == 0:  # whole bytes: split each into its two codes
+        if e0 % 2 == 0 and e1 % 2 == 0:  # whole bytes: one gather of each byte's pair
             b = self.data.view(-1)[e0 // 2:e1 // 2]
-            idx = torch.stack((b >> 4, b & 15), dim=1).view(-1)
+            torch.index_select(self._pairs, 0, b.int(), out=flat.view(-1, 2))
         else:
             e = torch.arange(e0, e1, device=self.device)
             b = self.data.view(-1)[e // 2]
-            idx = torch.where(e % 2 == 0, b >> 4, b & 15)
-        torch.index_select(self.code, 0, idx.int(), out=flat)
-        bs = self.blocksize
-        if e0 % bs == 0 and e1 % bs == 0:  # whole blocks (rows of a multiple of blocksize)
+            torch.index_select(self.code, 0, torch.where(e % 2 == 0, b >> 4, b & 15).int(),
+                               out=flat)
+        if e0 % bs == 0 and e1 % bs == 0:  # whole blocks
             flat.view(-1, bs).mul_(self.scales[e0 // bs:e1 // bs, None])
         else:
             per = torch.repeat_interleave(self.scales[e0 // bs:(e1 - 1) // bs + 1], bs)
             flat.mul_(per[e0 % bs:e0 % bs + e1 - e0])
         return out
+
+    def _native_rows(self, r0: int, n: int) -> Optional[Tensor]:
+        """fp32 rows ``r0:r0+n`` from bitsandbytes' own kernel where it applies (a slice of
+        whole blocks, an even count), else None. The slice is handed to it as one row:
+        its CPU kernel misreads blocks that straddle rows, and a single row has none."""
+        cols, bs = self.shape[1], self.blocksize
+        e0, e1 = r0 * cols, (r0 + n) * cols
+        if self._native_4bit is None or e0 % bs or e1 % bs or (e1 - e0) % 2:
+            return None
+        return self._native_4bit(self.data.view(-1)[e0 // 2:e1 // 2],
+                                 self.scales[e0 // bs:e1 // bs], bs, self.kind,
+                                 [1, e1 - e0], torch.float32).view(n, cols)
+
+    @cached_property
+    def _pairs(self) -> Tensor:
+        """The codes of every byte value: row ``b`` is ``(code[b >> 4], code[b & 15])``
+        (the even element in the high nibble), so a byte takes one gather, not two."""
+        return torch.stack((self.code.repeat_interleave(16), self.code.repeat(16)), dim=1)
+
+    @cached_property
+    def _native_4bit(self):
+        """bitsandbytes' ``dequantize_4bit`` op (its native kernels, several times faster
+        than a gather on CPU), where bitsandbytes is loaded and ``code`` is its own table
+        for this kind; else None. Not imported here: a weight from ``from_bnb`` has it."""
+        bnb = sys.modules.get("bitsandbytes")
+        if bnb is None or not hasattr(torch.ops.bitsandbytes, "dequantize_4bit"):
+            return None
+        table = bnb.functional.get_4bit_type(self.kind, device=self.device)
+        return torch.ops.bitsandbytes.dequantize_4bit if torch.equal(
+            table.float(), self.code) else None
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """``deq(W)`` whole, in ``dtype`` (default: the compute dtype). For checks and

@@ -73,6 +73,8 @@ def test_out_help_names_exactly_the_files_the_subcommand_writes(command, files):
     (["--passes", "bwd"], "fwdbwd"),
     (["--backends", "gpu"], "torch"),
     (["train", "--repeats", "0"], "integer >= 1"),
+    (["train", "--batch", "0"], "integer >= 1"),
+    (["train", "--seq", "-3"], "integer >= 1"),
 ])
 def test_bad_values_are_errors_naming_the_valid_ones(capsys, argv, named):
     code, _, err = _exit(capsys, argv)
@@ -318,6 +320,20 @@ def test_train_rows_are_medians_over_interleaved_processes(monkeypatch):
     assert (lie["ms"], lie["peak_mib"]) == (12, 101)
     assert lie["time_vs_lora"] == 12 / 20 and lie["mem_vs_lora"] == 101 / 100
     assert failed["error"] == "boom" and "time_vs_lora" not in failed
+
+
+def test_train_batch_and_seq_reach_every_process(monkeypatch, tmp_path, capsys):
+    """``--batch``/``--seq`` replace the setting's own in every fresh process and in the
+    table's header (the issue's Llama rows are batch 4 x 128 tokens)."""
+    from lie_kernels.bench import __main__ as cli, train
+    seen = []
+    monkeypatch.setattr(train, "_fresh", lambda m, meth, d, r, s: seen.append(dict(s)) or
+                        dict(model=m, method=meth, targets=1, trainable=1, ms=1.0,
+                             peak_mib=1.0))
+    cli.main(["train", "--models", "llama-all", "--methods", "lora,liera1", "--batch", "4",
+              "--seq", "128", "--repeats", "2", "--out", str(tmp_path)])
+    assert len(seen) == 4 and "batch 4 x 128 tokens" in capsys.readouterr().out
+    assert all((s["batch"], s["seq"], s["repeats"]) == (4, 128, 2) for s in seen)
 
 
 @pytest.mark.parametrize("model, layer, flag", [("llama-all-nf4", "Linear4bit", "4bit"),

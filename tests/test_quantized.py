@@ -51,16 +51,24 @@ def _bnb_reference_4bit(p):
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
 def test_4bit_dequantization_is_bitsandbytes_own(shape, kind, nested, blocksize):
     """Bitwise bitsandbytes' reference dequantization for every quant type, blocksize and
-    nested statistics, whole and one row at a time (odd numbers of elements included);
+    nested statistics, whole, one row and three rows at a time (odd numbers of elements
+    included), through bitsandbytes' own op where a slice is whole blocks and through the
+    code table;
     and bitwise its CPU kernel wherever that kernel agrees with its own quantization
     (rows a multiple of the blocksize: bitsandbytes 0.50.2's CPU kernel misreads blocks
     that straddle rows, e.g. 20x64 at blocksize 128)."""
     torch.manual_seed(blocksize)
     p = params4bit(torch.randn(*shape), kind, blocksize, nested)
-    q = quant.from_bnb(p)
     ref = _bnb_reference_4bit(p)
-    assert torch.equal(q.rows(0, shape[0]), ref)
-    assert torch.equal(torch.cat([q.rows(r, 1) for r in range(shape[0])]), ref)
+    native = quant.from_bnb(p)
+    assert native._native_4bit is not None  # block-aligned slices go to bitsandbytes' op
+    gather = quant.from_bnb(p)
+    gather.__dict__["_native_4bit"] = None  # the pure-PyTorch code table, everywhere
+    for q in (native, gather):
+        assert torch.equal(q.rows(0, shape[0]), ref)
+        assert torch.equal(torch.cat([q.rows(r, 1) for r in range(shape[0])]), ref)
+        assert torch.equal(torch.cat([q.rows(r, 3) for r in range(0, shape[0] - 2, 3)]),
+                           ref[:shape[0] - shape[0] % 3])
     if shape[1] % blocksize == 0:
         assert torch.equal(q.dequantize(torch.float32), dequantize_4bit(p.data, p.quant_state))
 

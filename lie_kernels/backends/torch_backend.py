@@ -155,13 +155,13 @@ def _gemm_operands(grad_y: Tensor, x: Tensor, weight: Tensor, conv) -> Tuple[Ten
             cols.transpose(1, 2).reshape(n * positions, ck))
 
 
-def _rows_reader(weight, step: int, dtype: torch.dtype) -> Callable[[int, int], Tensor]:
+def _rows_reader(weight, dtype: torch.dtype) -> Callable[[int, int], Tensor]:
     """``(r0, n) -> W[r0:r0+n]`` as ``(n, M)``: a view of a dense W, or the rows of a
-    quantized W dequantized into the block buffer "w" (``dtype``, the compute dtype), so
-    no dense copy of the whole weight ever exists."""
+    quantized W dequantized into a new block (``dtype``, the compute dtype; freed when the
+    next one is read), so no dense copy of the whole weight ever exists. A new block, not
+    a reused buffer: bitsandbytes' own kernel returns one, and copying it costs more."""
     if isinstance(weight, QuantizedWeight):
-        buf = _buffer("w", (step, weight.shape[1]), dtype, weight.device)
-        return lambda r0, n: weight.rows(r0, n, dtype, out=row_slice(buf, 0, n))
+        return lambda r0, n: weight.rows(r0, n, dtype)
     w2 = unfold(weight)
     return lambda r0, n: row_slice(w2, r0, n)
 
@@ -261,7 +261,7 @@ class TorchBackend(Backend):
         out = result.view(rows, cols)  # what the loop writes
         cd = compute_dtype(weight.dtype)
         step = min(rows, max(1, CHUNK_ELEMS // cols))
-        w_rows = _rows_reader(weight, step, cd)
+        w_rows = _rows_reader(weight, cd)
         if order == 0:
             for r0, n in row_slices(rows, step):
                 row_slice(out, r0, n).copy_(w_rows(r0, n))
@@ -310,7 +310,7 @@ class TorchBackend(Backend):
         du = torch.empty((rows, u.shape[1]), dtype=cd, device=weight.device)
         need_x = need_dw or order != 1  # order 1: exp_0 = 1, Δ is not needed
         step = min(rows, max(1, CHUNK_ELEMS // cols))
-        w_rows = _rows_reader(weight, step, cd)
+        w_rows = _rows_reader(weight, cd)
         single = step == rows  # one block: dp is one GEMM, no zero-filled accumulator
         dp = None if single else torch.zeros((p.shape[0], cols), dtype=cd, device=weight.device)
         xbuf = _buffer("x", (step, cols), cd, weight.device) if need_x else None

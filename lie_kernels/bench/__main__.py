@@ -205,13 +205,20 @@ def _train_args(p):
     p.add_argument("--rank", type=int, default=16, help="rank of every method (default: 16)")
     p.add_argument("--repeats", type=_positive_int, metavar="N",
                    help="fresh processes per row, medians over them (default: 3; --quick: 1)")
+    full, quick = train.SETTINGS["full"], train.SETTINGS["quick"]
+    p.add_argument("--batch", type=_positive_int, metavar="N",
+                   help=f"batch of every model (default: {full['batch']}; --quick: "
+                        f"{quick['batch']})")
+    p.add_argument("--seq", type=_positive_int, metavar="N",
+                   help=f"tokens per Llama sequence (default: {full['seq']}; --quick: "
+                        f"{quick['seq']})")
 
 
 def _run_train(a, log):
     from . import train
     methods = a.methods and [train.METHOD_KEYS[k] for k in a.methods]
     train.run(a.device, log, models=a.models, methods=methods, rank=a.rank, quick=a.quick,
-              out=a.out, repeats=a.repeats)
+              out=a.out, repeats=a.repeats, batch=a.batch, seq=a.seq)
 
 
 # -- multi -------------------------------------------------------------------------------

@@ -229,10 +229,12 @@ COLUMNS = ["model", "method", "targets", "trainable", "ms", "peak_mib", "peak_mi
 
 def run(device: str, log=print, models: Optional[List[str]] = None,
         methods: Optional[List[str]] = None, rank: int = 16, quick: bool = False,
-        out: Optional[str] = None, repeats: Optional[int] = None) -> List[Dict]:
+        out: Optional[str] = None, repeats: Optional[int] = None,
+        batch: Optional[int] = None, seq: Optional[int] = None) -> List[Dict]:
+    """The table; ``repeats``, ``batch`` and ``seq`` override the setting's own."""
     s = dict(SETTINGS["quick" if quick else "full"])
-    if repeats is not None:
-        s["repeats"] = repeats
+    s.update({k: v for k, v in dict(repeats=repeats, batch=batch, seq=seq).items()
+              if v is not None})
     # a name given twice is one row (its processes would otherwise be pooled twice)
     models = list(dict.fromkeys(models or (QUICK_MODELS if quick else MODELS)))
     methods = list(dict.fromkeys(methods or (QUICK_METHODS if quick else METHODS)))
