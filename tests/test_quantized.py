@@ -12,6 +12,8 @@ from torch import nn
 import lie_kernels as lk
 from lie_kernels import quant
 from lie_kernels.backends import get_backend, torch_backend
+from lie_kernels.backends.base import row_slices
+from lie_kernels.ops import layer as layer_ops
 from lie_kernels.reference import lie_weight_lowrank_ref, lie_weight_ref
 
 from helpers import rel_err
@@ -186,31 +188,51 @@ def _bnb_linear(kind, base, compute_dtype=None):
 
 
 @pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
-@pytest.mark.parametrize("order", [1, 4, None])
-def test_lie_linear_over_a_bitsandbytes_layer(kind, order):
+@pytest.mark.parametrize("order", [0, 1, 2, 4, None])
+@pytest.mark.parametrize("block_rows, one_node", [(None, True), (7, True), (None, False)])
+def test_lie_linear_over_a_bitsandbytes_layer(monkeypatch, kind, order, block_rows, one_node):
     """A fresh layer computes what the bitsandbytes layer computes (4-bit: bitwise; int8:
-    bitsandbytes multiplies int8 activations, we deq(W) in fp32); trained factors get the
-    fp64 reference's gradients; W itself gets none."""
+    bitsandbytes multiplies int8 activations, we deq(W) in fp32); y, dx and the factor
+    gradients equal the fp64 reference's (3-D, non-contiguous x; W whole or in blocks of
+    7 rows; the one-node layer op, and the two-node path that W below
+    ``FUSE_MIN_NUMEL`` takes); W itself gets none. On the one-node path W is dequantized
+    in blocks, once in forward and twice in backward (W' for dx, then t for the factors),
+    never whole."""
+    if block_rows:
+        monkeypatch.setattr(torch_backend, "CHUNK_ELEMS", block_rows * 128)
+    if one_node:  # this 96x128 W is below the size that takes the one-node path
+        monkeypatch.setattr(layer_ops, "FUSE_MIN_NUMEL", 0)
     torch.manual_seed(3)
     qlin = _bnb_linear(kind, nn.Linear(128, 96))
-    x = torch.randn(5, 128)
+    x = torch.randn(2, 128, 5).transpose(1, 2).requires_grad_()  # (2, 5, 128), strided
     with torch.no_grad():
         y0 = qlin(x)
     lie = lk.nn.LieLinear(qlin, rank=4, order=order)
     assert lie.quantized and lie.weight_shape == (96, 128)
     with torch.no_grad():
         y1 = lie(x)
-        assert torch.equal(y1, y0) if kind != "int8" else rel_err(y1, y0) < 1e-6
+        assert torch.equal(y1, y0) if kind != "int8" and not block_rows else \
+            rel_err(y1, y0) < 1e-6
         lie.lie_b.normal_(0, 0.2)
+    asked, rows = [], quant.QuantizedWeight.rows
+    monkeypatch.setattr(quant.QuantizedWeight, "rows",
+                        lambda self, r0, n, *a, **k: (asked.append((r0, n)),
+                                                      rows(self, r0, n, *a, **k))[1])
     y = lie(x)
     y.square().sum().backward()
+    monkeypatch.setattr(quant.QuantizedWeight, "rows", rows)
+    blocks = list(row_slices(96, block_rows or 96))
+    if one_node and order != 0:  # (order 0: W' is W, and the layer reads it as W)
+        assert asked == blocks * 3
     w64 = quant.layer_weight(qlin).rows(0, 96).double()
     a, b = (t.detach().double().requires_grad_() for t in (lie.lie_a, lie.lie_b))
+    x64 = x.detach().double().requires_grad_()
     w1 = lie_weight_lowrank_ref(w64, a, b, order=order, scale=lie.scale)
-    ref = nn.functional.linear(x.double(), w1, qlin.bias.double())
+    ref = nn.functional.linear(x64, w1, qlin.bias.double())
     ref.square().sum().backward()
-    assert rel_err(y, ref) < 1e-5
-    assert rel_err(lie.lie_a.grad, a.grad) < 1e-5 and rel_err(lie.lie_b.grad, b.grad) < 1e-5
+    assert rel_err(y, ref) < 1e-5 and rel_err(x.grad, x64.grad) < 1e-5
+    if order != 0:
+        assert rel_err(lie.lie_a.grad, a.grad) < 1e-5 and rel_err(lie.lie_b.grad, b.grad) < 1e-5
     assert qlin.weight.grad is None and not qlin.weight.requires_grad
 
 
