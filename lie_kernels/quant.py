@@ -109,8 +109,11 @@ class QuantizedWeight:
         if out is None:
             out = torch.empty((n, cols), dtype=dtype, device=self.device)
         if not self.packed:
+            # int8 codes promote to fp32 inside the multiply (the same products as
+            # q.float() · SCB, without that copy); fp8 does not promote
             q = self.data.view(self.shape)[r0:r0 + n]
-            out = torch.mul(q.to(torch.float32), self.scales[r0:r0 + n, None], out=out)
+            out = torch.mul(q if self.kind == "int8" else q.to(torch.float32),
+                            self.scales[r0:r0 + n, None], out=out)
             return out.mul_(INT8_STEP) if self.kind == "int8" else out
         e0, e1, bs = r0 * cols, (r0 + n) * cols, self.blocksize
         flat = out.view(-1)
