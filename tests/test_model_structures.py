@@ -40,6 +40,15 @@ def assert_untouched(model, before):
         assert torch.equal(after[2][k], v), k
 
 
+def assert_folds_refused(model, match):
+    """``lk.merge`` and ``lk.unload`` both raise ``match`` and leave ``model`` untouched."""
+    before = snapshot(model)
+    for fold in (lk.merge, lk.unload):
+        with pytest.raises(RuntimeError, match=match):
+            fold(model)
+        assert_untouched(model, before)
+
+
 # -- tied weights ------------------------------------------------------------------
 class EncDec(nn.Module):
     def __init__(self):
@@ -56,12 +65,8 @@ def test_unload_refuses_two_updates_in_one_tied_weight():
     with pytest.warns(UserWarning, match=r"'enc' and 'dec' share one weight Parameter"):
         model = lk.inject(EncDec(), rank=2, order=2)
     randomise(model)
-    before = snapshot(model)
-    for fold in (lk.unload, lk.merge):
-        with pytest.raises(RuntimeError, match=r"Lie layers 'enc' and 'dec' share one weight "
-                                               r"Parameter \(tied weights\).*no layer was"):
-            fold(model)
-        assert_untouched(model, before)
+    assert_folds_refused(model, r"Lie layers 'enc' and 'dec' share one weight Parameter "
+                                r"\(tied weights\).*no layer was")
 
 
 class TiedHead(nn.Module):
@@ -81,12 +86,8 @@ def test_weight_tied_to_a_plain_module_is_never_folded():
     randomise(model)
     ids = torch.tensor([[1, 4, 7]])
     want = model(ids)  # the embedding reads W, the head W'
-    before = snapshot(model)
-    for fold in (lk.merge, lk.unload):
-        with pytest.raises(RuntimeError, match=r"'head' and 'emb' \(Embedding\) share one "
-                                               r"weight Parameter.*would change 'emb' too"):
-            fold(model)
-        assert_untouched(model, before)
+    assert_folds_refused(model, r"'head' and 'emb' \(Embedding\) share one weight "
+                                r"Parameter.*would change 'emb' too")
     assert torch.equal(model(ids), want)
 
 
