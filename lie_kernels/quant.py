@@ -16,7 +16,6 @@ gradient reaches it. ``from_bnb`` reads bitsandbytes' ``Params4bit``/``Int8Param
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Optional
@@ -46,6 +45,9 @@ class QuantizedWeight:
     dtype: torch.dtype
     blocksize: int = 0
     code: Optional[Tensor] = None
+    #: a 4-bit weight read from bitsandbytes (``from_bnb``): its ``dequantize_4bit`` op
+    #: reads these bytes, scales and (its own) code table
+    from_bitsandbytes: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -153,14 +155,12 @@ class QuantizedWeight:
     @cached_property
     def _native_4bit(self):
         """bitsandbytes' ``dequantize_4bit`` op (its native kernels, several times faster
-        than a gather on CPU), where bitsandbytes is loaded and ``code`` is its own table
-        for this kind; else None. Not imported here: a weight from ``from_bnb`` has it."""
-        bnb = sys.modules.get("bitsandbytes")
-        if bnb is None or not hasattr(torch.ops.bitsandbytes, "dequantize_4bit"):
+        than a gather on CPU) for a weight ``from_bnb`` read, where this bitsandbytes
+        registers it; else None."""
+        if not self.from_bitsandbytes or not hasattr(torch.ops.bitsandbytes,
+                                                     "dequantize_4bit"):
             return None
-        table = bnb.functional.get_4bit_type(self.kind, device=self.device)
-        return torch.ops.bitsandbytes.dequantize_4bit if torch.equal(
-            table.float(), self.code) else None
+        return torch.ops.bitsandbytes.dequantize_4bit
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """``deq(W)`` whole, in ``dtype`` (default: the compute dtype). For checks and
@@ -193,7 +193,8 @@ def from_bnb(weight, dtype: Optional[torch.dtype] = None,
                              "build the Lie layer before running the base model in eval")
         return QuantizedWeight(state.quant_type, weight.data.view(-1), _absmax(state),
                                torch.Size(state.shape), dtype or state.dtype,
-                               int(state.blocksize), state.code.float().to(weight.device))
+                               int(state.blocksize), state.code.float().to(weight.device),
+                               from_bitsandbytes=True)
     scb = getattr(weight, "SCB", None) if scb is None else scb
     if weight.dtype == torch.int8 and scb is not None:
         return QuantizedWeight("int8", weight.data, scb.float(), weight.shape,

@@ -3,6 +3,7 @@ bitsandbytes' own, the fused op against a float64 reference of deq(W) ⊙ exp_K(
 layers over bitsandbytes layers, and the way back (unload refuses, dequantizes or
 requantizes; merge refuses)."""
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -64,6 +65,7 @@ def test_4bit_dequantization_is_bitsandbytes_own(shape, kind, nested, blocksize)
     ref = _bnb_reference_4bit(p)
     native = quant.from_bnb(p)
     assert native._native_4bit is not None  # block-aligned slices go to bitsandbytes' op
+    assert dataclasses.replace(native, from_bitsandbytes=False)._native_4bit is None
     gather = quant.from_bnb(p)
     gather.__dict__["_native_4bit"] = None  # the pure-PyTorch code table, everywhere
     for q in (native, gather):
