@@ -16,6 +16,7 @@ gradient reaches it. ``from_bnb`` reads bitsandbytes' ``Params4bit``/``Int8Param
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Optional
@@ -97,10 +98,21 @@ class QuantizedWeight:
         return self.shape[0] * self.shape[1]
 
     # -- dequantization ----------------------------------------------------------------
+    def block_rows(self, elems: int) -> int:
+        """Rows to dequantize at a time for blocks of about ``elems`` elements: a multiple
+        of the fewest rows that hold whole scale blocks (4-bit: ``blocksize / gcd(M,
+        blocksize)``), so every block but the last is one call of bitsandbytes' kernel
+        (a block that cuts a scale block takes the gather, ~4x slower: 1.66 against 0.40
+        ms for a 512x1376 nf4 weight); at least that many."""
+        cols = self.shape[1]
+        align = self.blocksize // math.gcd(cols, self.blocksize) if self.packed else 1
+        return max(1, elems // cols // align) * align
+
     def rows(self, r0: int, n: int, dtype: torch.dtype = torch.float32,
              out: Optional[Tensor] = None) -> Tensor:
         """``deq(W)[r0:r0+n]`` as an ``(n, M)`` tensor of ``dtype`` (into ``out`` if given,
-        else a new tensor): computed in fp32, as bitsandbytes does, then cast."""
+        else a new tensor the caller may overwrite): computed in fp32, as bitsandbytes
+        does, then cast."""
         cols = self.shape[1]
         if dtype != torch.float32:
             w = self.rows(r0, n)

@@ -124,6 +124,13 @@ def _factors(parametrization, rows=37, cols=128):
             torch.randn(cols, 4).requires_grad_()]
 
 
+def _block_elems(monkeypatch, elems):
+    """Blocks of ``elems`` elements at every order (a quantized W at order >= 2 has its
+    own block size)."""
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMS", elems)
+    monkeypatch.setattr(torch_backend, "QUANT_SERIES_CHUNK_ELEMS", elems)
+
+
 def _lie(q, args, order, parametrization):
     if parametrization == "lowrank":
         return lk.lie_weight_lowrank(q, *args, order=order, scale=0.7)
@@ -137,7 +144,7 @@ def test_fused_op_on_a_quantized_weight_matches_fp64(monkeypatch, kind, order,
                                                      parametrization):
     """fp32 compute: W' and the factor gradients against the float64 reference on deq(W);
     blocks of 5 rows, each dequantized on its own (never the whole weight)."""
-    monkeypatch.setattr(torch_backend, "CHUNK_ELEMS", 5 * 128)
+    _block_elems(monkeypatch, 5 * 128)
     q = _weights(kind, torch.float32)
     asked, rows = [], quant.QuantizedWeight.rows
     monkeypatch.setattr(quant.QuantizedWeight, "rows",
@@ -154,6 +161,49 @@ def test_fused_op_on_a_quantized_weight_matches_fp64(monkeypatch, kind, order,
     if order != 0:
         for t, r in zip(args, torch.autograd.grad(ref, leaves, g.double())):
             assert rel_err(t.grad, r) < 1e-5
+
+
+@pytest.mark.parametrize("order", [1, 4])
+def test_quantized_blocks_hold_whole_scale_blocks(monkeypatch, order):
+    """A 4-bit W whose rows cut its scale blocks (100 columns, blocksize 64) is read in
+    blocks of a multiple of 16 rows (whole scale blocks: bitsandbytes' own kernel, not the
+    gather), whatever the block size; W' and the factor gradients as with one block."""
+    q = quant.from_bnb(params4bit(torch.randn(53, 100), nested=False))
+    assert [q.block_rows(e) for e in (1, 1600, 3300, 10 ** 6)] == [16, 16, 32, 10000]
+    args = _factors("lowrank", rows=53, cols=100)
+    whole = _lie(q, args, order, "lowrank")
+    g = torch.randn_like(whole)
+    ref = torch.autograd.grad(whole, args, g)
+    _block_elems(monkeypatch, 2000)
+    asked, rows = [], quant.QuantizedWeight.rows
+    monkeypatch.setattr(quant.QuantizedWeight, "rows",
+                        lambda self, r0, n, *a, **k: (asked.append((r0, n)),
+                                                      rows(self, r0, n, *a, **k))[1])
+    out = _lie(q, args, order, "lowrank")
+    got = torch.autograd.grad(out, args, g)
+    assert asked == list(row_slices(53, 16)) * 2  # forward, then backward
+    assert rel_err(out, whole) < 1e-6
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(got, ref))
+
+
+@pytest.mark.parametrize("order, slots", [(1, {"out"}), (None, {"out"}), (4, {"out", "h"})])
+def test_quantized_layer_keeps_one_block_buffer_at_most(monkeypatch, order, slots):
+    """Forward and backward of a Lie layer on a quantized W keep the W'-sized buffer and,
+    at order >= 2 only, one block buffer of at most ``QUANT_SERIES_CHUNK_ELEMS``: the
+    backward forms t in dL/dW' and the series where the dequantized block was."""
+    monkeypatch.setattr(layer_ops, "FUSE_MIN_NUMEL", 0)
+    monkeypatch.setattr(torch_backend, "QUANT_SERIES_CHUNK_ELEMS", 16 * 128)
+    lie = lk.nn.LieLinear(_bnb_linear("nf4", nn.Linear(128, 96)), rank=4, order=order)
+    with torch.no_grad():
+        lie.lie_b.normal_(0, 0.2)
+    torch_backend.release_buffers()
+    try:
+        lie(torch.randn(2, 5, 128)).square().sum().backward()
+        kept = {k: v.numel() for k, v in torch_backend._ARENA.slots.items()}
+    finally:
+        torch_backend.release_buffers()
+    assert set(kept) == slots and kept["out"] == 96 * 128 * 4
+    assert kept.get("h", 0) <= 16 * 128 * 4
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -201,7 +251,7 @@ def test_lie_linear_over_a_bitsandbytes_layer(monkeypatch, kind, order, block_ro
     in blocks, once in forward and twice in backward (W' for dx, then t for the factors),
     never whole."""
     if block_rows:
-        monkeypatch.setattr(torch_backend, "CHUNK_ELEMS", block_rows * 128)
+        _block_elems(monkeypatch, block_rows * 128)
     if one_node:  # this 96x128 W is below the size that takes the one-node path
         monkeypatch.setattr(layer_ops, "FUSE_MIN_NUMEL", 0)
     torch.manual_seed(3)

@@ -29,6 +29,13 @@ from .base import Backend, order_zero_backward, row_slice, row_slices, unfold
 #: op costs a fixed few µs to launch (measurements: docs/backends.md, CPU constants).
 CHUNK_ELEMS = 1 << 19
 
+#: a quantized W at order >= 2, where its blocks keep a buffer (the series' scratch; at
+#: orders 0, 1 and the exact exp a quantized W keeps none, see ``backward``): blocks of
+#: this many elements (1 MiB of fp32). A quantized base is chosen for memory: on the tiny
+#: Llama (nf4, 4x128 tokens) the step's peak falls 1 MiB to 108.4 MiB for ~5% more time in
+#: its Lie layers (docs/quantized.md).
+QUANT_SERIES_CHUNK_ELEMS = 1 << 18
+
 #: exact exp, fp32/fp64 W below this many elements (256 KiB in fp32): the op saves W'
 #: and its backward is t = g ⊙ W' and two small GEMMs, instead of rebuilding exp(s·x)
 #: (a GEMM and an exp pass), which costs more on such small weights. The two-node Lie
@@ -166,6 +173,17 @@ def _rows_reader(weight, dtype: torch.dtype) -> Callable[[int, int], Tensor]:
     return lambda r0, n: row_slice(w2, r0, n)
 
 
+def _block_rows(weight, rows: int, cols: int, order: Optional[int]) -> int:
+    """Rows of W per block of about ``CHUNK_ELEMS`` elements, at most ``rows``: for a
+    quantized W, whole scale blocks (``QuantizedWeight.block_rows``), of
+    ``QUANT_SERIES_CHUNK_ELEMS`` at order >= 2."""
+    if isinstance(weight, QuantizedWeight):
+        series = order is not None and order >= 2
+        return min(rows, weight.block_rows(QUANT_SERIES_CHUNK_ELEMS if series
+                                           else CHUNK_ELEMS))
+    return min(rows, max(1, CHUNK_ELEMS // cols))
+
+
 def _empty_output(weight) -> Tensor:
     """A contiguous tensor of W's shape and (compute) dtype for W' or dW."""
     return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
@@ -260,7 +278,7 @@ class TorchBackend(Backend):
         rows, cols = weight.shape[0], math.prod(weight.shape[1:])
         out = result.view(rows, cols)  # what the loop writes
         cd = compute_dtype(weight.dtype)
-        step = min(rows, max(1, CHUNK_ELEMS // cols))
+        step = _block_rows(weight, rows, cols, order)
         w_rows = _rows_reader(weight, cd)
         if order == 0:
             for r0, n in row_slices(rows, step):
@@ -295,7 +313,11 @@ class TorchBackend(Backend):
     def backward(self, grad: Tensor, weight: Tensor, u: Tensor, p: Tensor,
                  order: Optional[int], scale: float, need_dw: bool,
                  overwrite_grad: bool = False) -> Tuple[Optional[Tensor], Tensor, Tensor]:
-        """With ``overwrite_grad``, order 1 forms t = g ⊙ W in g itself: no block buffer."""
+        """With ``overwrite_grad``, order 1 forms t = g ⊙ W in g itself: no block buffer.
+        So does every order on a quantized W (fp32 g), whose rows come dequantized into a
+        new block (``_rows_reader``) that is scratch once read: t = (g ⊙ W) ⊙
+        exp_{K-1}(s·x) with x and the series where W's block was (exact exp and order 1:
+        no block buffer; order K: x in the one that forward's series uses)."""
         if order == 0:
             return order_zero_backward(grad, weight, u, p, need_dw)
         g2 = unfold(grad)
@@ -308,14 +330,19 @@ class TorchBackend(Backend):
         uc, pc = _cast(u, cd), _cast(p, cd)
         alpha, xs = (scale, 1.0) if exact else (1.0, scale)
         du = torch.empty((rows, u.shape[1]), dtype=cd, device=weight.device)
-        need_x = need_dw or order != 1  # order 1: exp_0 = 1, Δ is not needed
-        step = min(rows, max(1, CHUNK_ELEMS // cols))
+        scratch_w = (isinstance(weight, QuantizedWeight) and overwrite_grad
+                     and g2.dtype == cd)
+        # order 1: exp_0 = 1, Δ is not needed; exact exp on a scratch W: x where W was
+        need_x = need_dw or (order != 1 and not (exact and scratch_w))
+        step = _block_rows(weight, rows, cols, order)
         w_rows = _rows_reader(weight, cd)
         single = step == rows  # one block: dp is one GEMM, no zero-filled accumulator
         dp = None if single else torch.zeros((p.shape[0], cols), dtype=cd, device=weight.device)
-        xbuf = _buffer("x", (step, cols), cd, weight.device) if need_x else None
+        xbuf = (_buffer("h" if scratch_w else "x", (step, cols), cd, weight.device)
+                if need_x else None)
         # exact exp: t is formed in x's buffer (exp in place), no second buffer
-        in_grad = overwrite_grad and order == 1 and not need_dw and g2.dtype == cd
+        in_grad = scratch_w or (overwrite_grad and order == 1 and not need_dw
+                                and g2.dtype == cd)
         tbuf = None if exact or in_grad else _buffer("h", (step, cols), cd, weight.device)
         for r0, n in row_slices(rows, step):
             w, g, ub = w_rows(r0, n), row_slice(g2, r0, n), row_slice(uc, r0, n)
@@ -323,7 +350,13 @@ class TorchBackend(Backend):
                 x = row_slice(xbuf, 0, n).addmm_(ub, pc, beta=0, alpha=alpha)
             # t = g ⊙ W ⊙ exp_{K-1}(s·x) = dL/d(s·x) (exact exp: g ⊙ W ⊙ exp(s·x));
             # dW = g ⊙ exp_K(s·x)
-            if exact:
+            if scratch_w:
+                t = g.mul_(w)
+                if exact:
+                    t.mul_(w.addmm_(ub, pc, beta=0, alpha=alpha).exp_())
+                elif order != 1:
+                    t.mul_(exp_series_(x, order - 1, w, xs))
+            elif exact:
                 e = x.exp_()
                 if need_dw:
                     torch.mul(g, e, out=row_slice(dw2, r0, n))
