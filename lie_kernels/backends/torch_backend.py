@@ -350,7 +350,7 @@ class TorchBackend(Backend):
                 x = row_slice(xbuf, 0, n).addmm_(ub, pc, beta=0, alpha=alpha)
             # t = g ⊙ W ⊙ exp_{K-1}(s·x) = dL/d(s·x) (exact exp: g ⊙ W ⊙ exp(s·x));
             # dW = g ⊙ exp_K(s·x)
-            if scratch_w:
+            if in_grad:  # beyond order 1 only on a scratch (quantized) W's block
                 t = g.mul_(w)
                 if exact:
                     t.mul_(w.addmm_(ub, pc, beta=0, alpha=alpha).exp_())
@@ -361,8 +361,6 @@ class TorchBackend(Backend):
                 if need_dw:
                     torch.mul(g, e, out=row_slice(dw2, r0, n))
                 t = e.mul_(g).mul_(w)
-            elif in_grad:
-                t = g.mul_(w)
             else:
                 t = row_slice(tbuf, 0, n)
                 if need_dw:
