@@ -183,12 +183,13 @@ class QuantizedWeight:
 
 def _absmax(state) -> Tensor:
     """A 4-bit quant state's absmax in fp32, the nested (double-quantized) statistics
-    expanded: ``code2[absmax_q] · absmax2[block of 256] + offset``."""
+    expanded, ``code2[absmax_q] · absmax2[block of 256] + offset``, by bitsandbytes' own
+    ``dequantize_blockwise`` (a Lie layer reads this on every forward: 34 µs for a
+    1376x512 weight, against 94 µs indexing the code here)."""
     if not state.nested:
         return state.absmax.float()
-    s2 = state.state2
-    per = torch.repeat_interleave(s2.absmax.float(), s2.blocksize)[:state.absmax.numel()]
-    return s2.code.float()[state.absmax.long()] * per + float(state.offset)
+    from bitsandbytes.functional import dequantize_blockwise  # a nested state is bnb's
+    return dequantize_blockwise(state.absmax, state.state2).float().add_(state.offset)
 
 
 def from_bnb(weight, dtype: Optional[torch.dtype] = None,

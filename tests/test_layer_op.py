@@ -144,15 +144,16 @@ def test_size_switch_at_the_documented_constant(in_features, fused):
     assert (saved == []) == fused
 
 
-def test_linear_goes_through_the_backend_linear_backward_seam(fuse_all, monkeypatch):
+def test_linear_goes_through_the_backend_linear_layer_backward_seam(fuse_all, monkeypatch):
     be, calls = get_backend("torch"), []
-    real = type(be).linear_backward
-    monkeypatch.setattr(type(be), "linear_backward",
-                        lambda self, *a: calls.append(a[0].shape) or real(self, *a))
+    real = type(be).linear_layer_backward
+    monkeypatch.setattr(type(be), "linear_layer_backward",
+                        lambda self, *a: calls.append((a[0].shape, a[7:])) or real(self, *a))
     layer, x = _layer("linear", "lowrank", 1)
     layer.backend = "torch"
     layer(x).sum().backward()
-    assert calls == [torch.Size([6, 11])]  # grad_y flattened to (N, C_out)
+    # grad_y flattened to (N, C_out); dx, no dW, the factors
+    assert calls == [(torch.Size([6, 11]), (True, False, True))]
 
 
 def test_grads_only_where_asked(fuse_all):
@@ -670,6 +671,35 @@ def test_conv_layer_in_slices_matches_one_piece_and_fp64(fuse_all, monkeypatch, 
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     for g, r in zip(got, _grads(_ref64(layer), layer, x)):
         torch.testing.assert_close(g.double(), r.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", [1, 2, 4, None])
+@pytest.mark.parametrize("block_rows", [37, 13])
+def test_linear_backward_builds_w_prime_where_dl_dw_prime_was(monkeypatch, order, block_rows):
+    """The torch backend's Linear backward forms dL/dW' in the reused buffer, writes each
+    block's W' over the rows of it that the Lie backward has used, and takes dx = grad_y W'
+    from there: W is read once and ``forward_transient`` never runs. dx, du and dp match
+    the default (W' rebuilt for dx, then dL/dW') and float64 (odd shapes, one block or
+    three, a non-contiguous x)."""
+    from lie_kernels.backends import Backend, torch_backend
+    be = get_backend("torch")
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMS", block_rows * 61)
+    w, u, p = _wup(37, 61)
+    gy, x = torch.randn(9, 37), torch.randn(61, 9).t()
+    want = Backend.linear_layer_backward(be, gy, x, w, u, p, order, 0.7, True, False, True)
+    monkeypatch.setattr(type(be), "forward_transient", None)  # not called
+    seen, real = [], type(be)._backward
+    monkeypatch.setattr(type(be), "_backward", lambda self, g, *a, **k: seen.append(
+        (_in_transient_buffer(g), k)) or real(self, g, *a, **k))
+    dx, dw, du, dp = be.linear_layer_backward(gy, x, w, u, p, order, 0.7, True, False, True)
+    assert dw is None and seen == [(True, {"rebuild": True})]
+    for g, wn in zip((dx, du, dp), (want[0], *want[2:])):
+        torch.testing.assert_close(g, wn, rtol=1e-5, atol=1e-6)
+    w64, u64, p64, x64 = (t.double().requires_grad_() for t in (w, u, p, x))
+    y = x64 @ lie_weight_lowrank_ref(w64, p64, u64, order=order, scale=0.7).t()
+    refs = torch.autograd.grad(y, (x64, u64, p64), gy.double())
+    for g, r in zip((dx, du, dp), refs):
+        assert ((g.double() - r).norm() / r.norm()).item() < 1e-6
 
 
 def test_linear_weight_gradient_in_the_transient_buffer(monkeypatch):

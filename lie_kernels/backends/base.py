@@ -33,6 +33,8 @@ weight, for ``output_backward``, where rebuilding costs more than W' weighs.
 ``dL/dW'`` comes from its input and output gradient (Linear: ``grad_yᵀ @ x``): a
 backend may fuse that product with its backward so ``dL/dW'`` is never written, or
 form it where it likes (the torch backend: in a reused CPU buffer).
+``linear_layer_backward`` is the seam for a Lie Linear layer's whole backward (dx too),
+where a backend may build the W' that dx needs inside its Lie backward.
 ``conv_slice_rows`` lets a backend run a Lie conv layer a few output channels at a time,
 so that only a slice of W' (and of dL/dW') is alive at once.
 """
@@ -107,6 +109,24 @@ class Backend:
         ``(N, C_out)`` and ``x`` is ``(N, C_in)``. This default forms ``g``; a backend
         with a kernel that consumes ``grad_y`` and ``x`` directly overrides it."""
         return self.backward(grad_y.t().mm(x), weight, u, p, order, scale, need_dw, True)
+
+    def linear_layer_backward(self, grad_y: Tensor, x: Tensor, weight: Tensor, u: Tensor,
+                              p: Tensor, order: Optional[int], scale: float, need_dx: bool,
+                              need_dw: bool, need_lie: bool
+                              ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor],
+                                         Optional[Tensor]]:
+        """``(dx, dW, du, dp)`` of a Lie Linear layer ``y = x W'ᵀ`` (None where not asked
+        for; ``grad_y`` is ``(N, C_out)``, ``x`` is ``(N, C_in)``): ``dx = grad_y W'``, the
+        rest from ``linear_backward``. This default rebuilds W' for dx
+        (``forward_transient``) and drops it before ``linear_backward`` runs, so one
+        W-sized temporary is alive at a time; a backend may build W' inside its Lie
+        backward instead, where W's rows are already at hand (the torch backend does)."""
+        dx = dw = du = dp = None
+        if need_dx:
+            dx = grad_y.mm(self.forward_transient(weight, u, p, order, scale))
+        if need_dw or need_lie:
+            dw, du, dp = self.linear_backward(grad_y, x, weight, u, p, order, scale, need_dw)
+        return dx, dw, du, dp
 
     def conv_backward(self, grad_y: Tensor, x: Tensor, weight: Tensor, u: Tensor,
                       p: Tensor, order: Optional[int], scale: float, need_dw: bool,

@@ -29,13 +29,6 @@ from .base import Backend, order_zero_backward, row_slice, row_slices, unfold
 #: op costs a fixed few µs to launch (measurements: docs/backends.md, CPU constants).
 CHUNK_ELEMS = 1 << 19
 
-#: a quantized W at order >= 2, where its blocks keep a buffer (the series' scratch; at
-#: orders 0, 1 and the exact exp a quantized W keeps none, see ``backward``): blocks of
-#: this many elements (1 MiB of fp32). A quantized base is chosen for memory: on the tiny
-#: Llama (nf4, 4x128 tokens) the step's peak falls 1 MiB to 108.4 MiB for ~5% more time in
-#: its Lie layers (docs/quantized.md).
-QUANT_SERIES_CHUNK_ELEMS = 1 << 18
-
 #: exact exp, fp32/fp64 W below this many elements (256 KiB in fp32): the op saves W'
 #: and its backward is t = g ⊙ W' and two small GEMMs, instead of rebuilding exp(s·x)
 #: (a GEMM and an exp pass), which costs more on such small weights. The two-node Lie
@@ -173,15 +166,23 @@ def _rows_reader(weight, dtype: torch.dtype) -> Callable[[int, int], Tensor]:
     return lambda r0, n: row_slice(w2, r0, n)
 
 
-def _block_rows(weight, rows: int, cols: int, order: Optional[int]) -> int:
+def _block_rows(weight, rows: int, cols: int) -> int:
     """Rows of W per block of about ``CHUNK_ELEMS`` elements, at most ``rows``: for a
-    quantized W, whole scale blocks (``QuantizedWeight.block_rows``), of
-    ``QUANT_SERIES_CHUNK_ELEMS`` at order >= 2."""
+    quantized W, whole scale blocks (``QuantizedWeight.block_rows``)."""
     if isinstance(weight, QuantizedWeight):
-        series = order is not None and order >= 2
-        return min(rows, weight.block_rows(QUANT_SERIES_CHUNK_ELEMS if series
-                                           else CHUNK_ELEMS))
+        return min(rows, weight.block_rows(CHUNK_ELEMS))
     return min(rows, max(1, CHUNK_ELEMS // cols))
+
+
+def _block_buffer(weight, slot: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """An uninitialised row-block buffer: the thread's reused one (``_buffer``) for a
+    dense W; a fresh one for a quantized W, whose dequantized blocks come fresh from
+    bitsandbytes anyway. So between calls a thread keeps nothing for a quantized W but the
+    W-sized "out" (a quantized base is chosen for memory), and the fresh block costs no
+    time next to the dequantization (docs/quantized.md)."""
+    if isinstance(weight, QuantizedWeight):
+        return torch.empty(shape, dtype=dtype, device=weight.device)
+    return _buffer(slot, shape, dtype, weight.device)
 
 
 def _empty_output(weight) -> Tensor:
@@ -200,6 +201,18 @@ def _fix_nonfinite(out: Tensor, w: Tensor, e: Tensor, c: float) -> None:
     the product ``W·exp_K`` itself, so W' == W at identity (expm1 = 0), inf included."""
     bad = ~torch.isfinite(w)
     out[bad] = (w[bad].to(e.dtype) * (1.0 + c * e[bad])).to(out.dtype)
+
+
+def _store_series(o: Tensor, w: Tensor, x: Tensor, order: int, scale: float,
+                  h: Optional[Tensor], ub: Tensor, pc: Tensor) -> None:
+    """W' = W + W·expm1_K(s·x) of one block into ``o``, from ``x = u_b@p`` (overwritten;
+    it may be ``o`` itself), with ``h`` the series' scratch (order >= 2)."""
+    e, c = expm1_series_(x, order, h, scale)
+    # computed in the promoted (fp32/fp64) dtype, cast on store (order 1 in place: e is
+    # x, read and written element by element)
+    torch.addcmul(w, w, e, value=c, out=o)
+    if torch.isnan(o.sum()):  # one in-cache pass; a bool reduction costs 100x more
+        _fix_nonfinite(o, w, torch.mm(ub, pc) if e is o else e, c)
 
 
 class TorchBackend(Backend):
@@ -242,6 +255,24 @@ class TorchBackend(Backend):
         g = torch.mm(grad_y.t(), x, out=_transient(weight.shape, x.dtype, weight.device))
         return self.backward(g, weight, u, p, order, scale, need_dw, True)
 
+    def linear_layer_backward(self, grad_y: Tensor, x: Tensor, weight: Tensor, u: Tensor,
+                              p: Tensor, order: Optional[int], scale: float, need_dx: bool,
+                              need_dw: bool, need_lie: bool):
+        """dL/dW' = grad_yᵀ x in the transient buffer, then the Lie backward, which writes
+        each block's W' rows over the dL/dW' rows it has used (``_backward``'s
+        ``rebuild``); dx = grad_y W' from there. W's rows are read (a quantized W:
+        dequantized) once instead of twice, and W' needs no second W-sized tensor.
+        Taken when the factors and x need gradients and W does not, with dL/dW' in the
+        compute dtype (an fp32/fp64 W, or a quantized W computing in fp32); otherwise
+        the default."""
+        if not (need_dx and need_lie and not need_dw and order != 0
+                and x.dtype == grad_y.dtype == compute_dtype(weight.dtype)):
+            return super().linear_layer_backward(grad_y, x, weight, u, p, order, scale,
+                                                 need_dx, need_dw, need_lie)
+        g = torch.mm(grad_y.t(), x, out=_transient(weight.shape, x.dtype, weight.device))
+        _, du, dp = self._backward(g, weight, u, p, order, scale, False, True, rebuild=True)
+        return grad_y.mm(g.view(grad_y.shape[1], -1)), None, du, dp
+
     def conv_slice_rows(self, x: Tensor, weight: Tensor, conv) -> int:
         """On the GEMM route (``_gemm_route``: a big W on small feature maps), slices of
         ``CHUNK_ELEMS`` elements: a slice of W' or dL/dW' is all the reused buffer holds,
@@ -278,7 +309,7 @@ class TorchBackend(Backend):
         rows, cols = weight.shape[0], math.prod(weight.shape[1:])
         out = result.view(rows, cols)  # what the loop writes
         cd = compute_dtype(weight.dtype)
-        step = _block_rows(weight, rows, cols, order)
+        step = _block_rows(weight, rows, cols)
         w_rows = _rows_reader(weight, cd)
         if order == 0:
             for r0, n in row_slices(rows, step):
@@ -291,23 +322,17 @@ class TorchBackend(Backend):
         uc, pc = _cast(u, cd), _cast(p, cd)
         alpha = scale if exact else 1.0
         in_out = out.dtype == cd
-        xbuf = None if in_out else _buffer("x", (step, cols), cd, weight.device)
-        hbuf = _buffer("h", (step, cols), cd, weight.device) if order not in (None, 1) else None
+        xbuf = None if in_out else _block_buffer(weight, "x", (step, cols), cd)
+        hbuf = _block_buffer(weight, "h", (step, cols), cd) if order not in (None, 1) else None
         for r0, n in row_slices(rows, step):
             w, o, ub = w_rows(r0, n), row_slice(out, r0, n), row_slice(uc, r0, n)
             x = (o if in_out else row_slice(xbuf, 0, n)).addmm_(ub, pc, beta=0, alpha=alpha)
-            if exact:
-                if in_out:
-                    x.exp_().mul_(w)
-                else:
-                    torch.mul(w, x.exp_(), out=o)
-                continue
-            e, c = expm1_series_(x, order, None if hbuf is None else row_slice(hbuf, 0, n), scale)
-            # W + W·expm1(s·x), computed in the promoted (fp32/fp64) dtype, cast on store
-            # (order 1 in place: e is x, read and written element by element)
-            torch.addcmul(w, w, e, value=c, out=o)
-            if torch.isnan(o.sum()):  # one in-cache pass; a bool reduction costs 100x more
-                _fix_nonfinite(o, w, torch.mm(ub, pc) if e is o else e, c)
+            if exact and in_out:  # in place, not out=: a make_fx graph replays this op
+                x.exp_().mul_(w)  # with tensors that need grad, which out= refuses
+            elif exact:
+                torch.mul(w, x.exp_(), out=o)
+            else:
+                _store_series(o, w, x, order, scale, row_slice(hbuf, 0, n), ub, pc)
         return result
 
     def backward(self, grad: Tensor, weight: Tensor, u: Tensor, p: Tensor,
@@ -317,7 +342,16 @@ class TorchBackend(Backend):
         So does every order on a quantized W (fp32 g), whose rows come dequantized into a
         new block (``_rows_reader``) that is scratch once read: t = (g ⊙ W) ⊙
         exp_{K-1}(s·x) with x and the series where W's block was (exact exp and order 1:
-        no block buffer; order K: x in the one that forward's series uses)."""
+        no block buffer; order K: one, for x)."""
+        return self._backward(grad, weight, u, p, order, scale, need_dw, overwrite_grad)
+
+    def _backward(self, grad: Tensor, weight: Tensor, u: Tensor, p: Tensor,
+                  order: Optional[int], scale: float, need_dw: bool, overwrite_grad: bool,
+                  rebuild: bool = False) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+        """``backward``; with ``rebuild`` (needs ``overwrite_grad``, no dW, g in the
+        compute dtype) each block's W' rows are then written over its g rows, so ``grad``
+        holds W' on return: t in g, then W' = W ⊙ exp_K(s·x) from the same x (order 1:
+        x formed in g once t is used; order K: one more block buffer, the series')."""
         if order == 0:
             return order_zero_backward(grad, weight, u, p, need_dw)
         g2 = unfold(grad)
@@ -330,39 +364,41 @@ class TorchBackend(Backend):
         uc, pc = _cast(u, cd), _cast(p, cd)
         alpha, xs = (scale, 1.0) if exact else (1.0, scale)
         du = torch.empty((rows, u.shape[1]), dtype=cd, device=weight.device)
+        # W's block is kept for W' when rebuilding, else a quantized one is scratch
         scratch_w = (isinstance(weight, QuantizedWeight) and overwrite_grad
-                     and g2.dtype == cd)
+                     and g2.dtype == cd and not rebuild)
         # order 1: exp_0 = 1, Δ is not needed; exact exp on a scratch W: x where W was
         need_x = need_dw or (order != 1 and not (exact and scratch_w))
-        step = _block_rows(weight, rows, cols, order)
+        step = _block_rows(weight, rows, cols)
         w_rows = _rows_reader(weight, cd)
         single = step == rows  # one block: dp is one GEMM, no zero-filled accumulator
         dp = None if single else torch.zeros((p.shape[0], cols), dtype=cd, device=weight.device)
-        xbuf = (_buffer("h" if scratch_w else "x", (step, cols), cd, weight.device)
-                if need_x else None)
-        # exact exp: t is formed in x's buffer (exp in place), no second buffer
-        in_grad = scratch_w or (overwrite_grad and order == 1 and not need_dw
-                                and g2.dtype == cd)
-        tbuf = None if exact or in_grad else _buffer("h", (step, cols), cd, weight.device)
+        xbuf = _block_buffer(weight, "x", (step, cols), cd) if need_x else None
+        in_grad = scratch_w or rebuild or (overwrite_grad and order == 1 and not need_dw
+                                           and g2.dtype == cd)
+        # exact exp: t is formed in g or in x's buffer (exp in place), no second buffer
+        series_buf = not (exact or scratch_w or (in_grad and order == 1))
+        tbuf = _block_buffer(weight, "h", (step, cols), cd) if series_buf else None
         for r0, n in row_slices(rows, step):
             w, g, ub = w_rows(r0, n), row_slice(g2, r0, n), row_slice(uc, r0, n)
+            h = row_slice(tbuf, 0, n)
             if need_x:
                 x = row_slice(xbuf, 0, n).addmm_(ub, pc, beta=0, alpha=alpha)
             # t = g ⊙ W ⊙ exp_{K-1}(s·x) = dL/d(s·x) (exact exp: g ⊙ W ⊙ exp(s·x));
             # dW = g ⊙ exp_K(s·x)
-            if in_grad:  # beyond order 1 only on a scratch (quantized) W's block
+            if in_grad:  # beyond order 1 only on a scratch (quantized) W's block or rebuilding
                 t = g.mul_(w)
                 if exact:
-                    t.mul_(w.addmm_(ub, pc, beta=0, alpha=alpha).exp_())
+                    t.mul_((x if rebuild else w.addmm_(ub, pc, beta=0, alpha=alpha)).exp_())
                 elif order != 1:
-                    t.mul_(exp_series_(x, order - 1, w, xs))
+                    t.mul_(exp_series_(x, order - 1, h if rebuild else w, xs))
             elif exact:
                 e = x.exp_()
                 if need_dw:
                     torch.mul(g, e, out=row_slice(dw2, r0, n))
                 t = e.mul_(g).mul_(w)
             else:
-                t = row_slice(tbuf, 0, n)
+                t = h
                 if need_dw:
                     torch.mul(g, exp_series_(x, order, t, xs), out=row_slice(dw2, r0, n))
                 if order == 1 and w.dtype == cd:
@@ -377,6 +413,12 @@ class TorchBackend(Backend):
                 dp = torch.mm(ub.t(), t) if scale == 1.0 else ub.t().mm(t).mul_(scale)
             else:
                 dp.addmm_(ub.t(), t, alpha=scale)
+            if rebuild:  # t is used: W' of these rows where it was (exact: x holds exp(s·x))
+                if exact:
+                    torch.mul(w, x, out=g)
+                else:
+                    _store_series(g, w, x if order != 1 else g.addmm_(ub, pc, beta=0), order,
+                                  scale, h, ub, pc)
         return dw, _cast(du, u.dtype), _cast(dp, p.dtype)
 
 

@@ -10,7 +10,10 @@ saves what the frozen base layer needs (x) plus W and the factors::
               G  = dL/dW' = conv_weight_grad(g_y, x)   (Linear: g_yᵀ x)
               du, dp, dW = backend.backward(G, W, u, p)                     (G freed)
 
-so at most one W-sized temporary is alive at a time. W' is built with
+so at most one W-sized temporary is alive at a time. A Linear layer's backward is one
+backend call, ``backend.linear_layer_backward``, which may reorder those steps (the torch
+backend forms G first and overwrites it, block by block, with W' once the Lie backward
+has read it: W is read, or dequantized, once in backward instead of twice). W' is built with
 ``backend.forward_transient``: used at once and dropped, it may live in a buffer
 the backend reuses (the torch backend does on CPU). The last two lines are one
 call, ``backend.linear_backward(g_y, x, ...)`` / ``backend.conv_backward``: the
@@ -124,15 +127,11 @@ def _backward_math(grad_y, x, weight, u, p, order, scale, be: Backend, conv,
     gx = gb = gw = du = dp = None
     if conv is None:
         g2, x2 = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
-        if need_x:
-            w1 = be.forward_transient(weight, u, p, k, scale)
-            gx = g2.mm(w1).view(x.shape)
-            del w1
         if need_b:
             gb = g2.sum(0)
-        if need_w or need_lie:
-            gw, du, dp = be.linear_backward(g2, x2, weight, u, p, k, scale, need_w)
-        return gx, gw, gb, du, dp
+        gx, gw, du, dp = be.linear_layer_backward(g2, x2, weight, u, p, k, scale, need_x,
+                                                  need_w, need_lie)
+        return None if gx is None else gx.view(x.shape), gw, gb, du, dp
     stride, padding, dilation, groups = conv
     args = (stride, padding, dilation, False, [0] * (weight.dim() - 2), groups)
     if need_x:
