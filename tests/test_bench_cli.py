@@ -50,7 +50,7 @@ def test_helps_differ_between_subcommands(capsys):
 @pytest.mark.parametrize("command, files", [
     ("sweep", {"sweep.txt", "sweep.csv", "sweep.png"}),
     ("cpu-core", {"cpu-core.txt"}),
-    ("train", {"train.txt", "train.csv", "train.png"}),
+    ("train", {"train.txt", "train.csv", "train-processes.csv", "train.png"}),
     ("multi", {"multi.txt"}),
     ("roofline", {"roofline.txt", "roofline.csv"}),
     ("linear", {"linear.txt"}),
@@ -293,33 +293,74 @@ def test_multi_and_train_subcommands(tmp_path):
     assert "# legend:" in (tmp_path / "multi.txt").read_text()
 
 
-def test_train_rows_are_medians_over_interleaved_processes(monkeypatch):
-    """With ``repeats`` 3 every method of a model runs once per round (so drift hits all
-    alike); a row is the median step time and peak over its processes, with the peaks'
-    range, and one failed process fails the row."""
+def _fake_fresh(monkeypatch, fake):
+    """``train._fresh`` answering from ``fake[(model, method)]``, the i-th call of a pair
+    getting its i-th (ms, peak) (None: that process fails); returns the calls made."""
     from lie_kernels.bench import train
-    calls, fake = [], {("m", "PEFT LoRA"): [(10, 100), (30, 90), (20, 140)],
-                       ("m", "LieRA order=1"): [(13, 100), (11, 120), (12, 101)],
-                       ("m", "LieRA order=4"): [(1, 1), None, (1, 1)]}
+    calls = []
 
     def fresh(model, method, device, rank, s):
-        calls.append(method)
-        got = fake[(model, method)][sum(c == method for c in calls) - 1]
+        calls.append((model, method))
+        got = fake[(model, method)][calls.count((model, method)) - 1]
         if got is None:
             return dict(model=model, method=method, error="boom")
         return dict(model=model, method=method, targets=1, trainable=1, ms=got[0],
                     peak_mib=got[1])
     monkeypatch.setattr(train, "_fresh", fresh)
+    return calls
+
+
+def test_train_rows_are_medians_over_rounds_and_ratios_are_paired(monkeypatch):
+    """With ``repeats`` 3 every (model, method) runs once per round, so drift hits all
+    alike; a row is the median step time and peak over its processes, with the peaks'
+    range; its ratio to PEFT LoRA is the median over rounds of the two measured in the
+    same round (not the ratio of the medians), and one failed process fails the row."""
+    from lie_kernels.bench import train
+    calls = _fake_fresh(monkeypatch, {
+        ("m", "PEFT LoRA"): [(10, 100), (30, 90), (20, 140)],
+        ("m", "LieRA order=1"): [(13, 100), (33, 120), (21, 141)],
+        ("m", "LieRA order=4"): [(1, 1), None, (1, 1)],
+        ("n", "PEFT LoRA"): [(5, 5)] * 3, ("n", "LieRA order=1"): [(5, 5)] * 3,
+        ("n", "LieRA order=4"): [(5, 5)] * 3})
     methods = ["PEFT LoRA", "LieRA order=1", "LieRA order=4"]
-    rows = train.run("cpu", log=lambda *_: None, models=["m", "m"],
+    rows = train.run("cpu", log=lambda *_: None, models=["m", "n", "m"],
                      methods=methods + ["PEFT LoRA"], repeats=3)  # a repeated name: one row
-    assert calls == methods * 3
-    lora, lie, failed = rows
+    assert calls == [(m, meth) for m in "mn" for meth in methods] * 3
+    lora, lie, failed = rows[:3]
     assert (lora["ms"], lora["peak_mib"], lora["peak_min"], lora["peak_max"],
             lora["runs"]) == (20, 100, 90, 140, 3)
-    assert (lie["ms"], lie["peak_mib"]) == (12, 101)
-    assert lie["time_vs_lora"] == 12 / 20 and lie["mem_vs_lora"] == 101 / 100
+    assert (lie["ms"], lie["peak_mib"]) == (21, 120)
+    # rounds: 13/10, 33/30, 21/20 and 100/100, 120/90, 141/140
+    assert lie["time_vs_lora"] == 1.1 and lie["mem_vs_lora"] == 141 / 140
     assert failed["error"] == "boom" and "time_vs_lora" not in failed
+    assert all("time_vs_dense" not in r and "time_vs_hira" not in r for r in rows)
+
+
+def test_train_quantized_rows_compare_with_peft_hira_and_the_dense_model(monkeypatch):
+    """A quantized model's row is also compared, round by round, with PEFT HiRA on the
+    same base and with the same method on the unquantized model (the QLoRA targets); a
+    reference that failed or is not in the run gives no ratio."""
+    from lie_kernels.bench import train
+    dense, nf4, int8 = "llama-all", "llama-all-nf4", "llama-all-int8"
+    _fake_fresh(monkeypatch, {
+        (dense, "PEFT LoRA"): [(10, 50)] * 2, (dense, "PEFT HiRA"): [(20, 80)] * 2,
+        (dense, "LieRA order=1"): [(12, 52), (24, 52)],
+        (nf4, "PEFT LoRA"): [(11, 50)] * 2, (nf4, "PEFT HiRA"): [(20, 100), (40, 100)],
+        (nf4, "LieRA order=1"): [(13, 54), (26, 54)],
+        (int8, "PEFT LoRA"): [(11, 50)] * 2, (int8, "PEFT HiRA"): [None, (1, 1)],
+        (int8, "LieRA order=1"): [(13, 54)] * 2})
+    lines = []
+    rows = train.run("cpu", log=lines.append, models=[dense, nf4, int8],
+                     methods=["PEFT LoRA", "PEFT HiRA", "LieRA order=1"], repeats=2)
+    by = {(r["model"], r["method"]): r for r in rows}
+    q = by[(nf4, "LieRA order=1")]
+    assert (q["time_vs_hira"], q["mem_vs_hira"]) == (0.65, 0.54)
+    assert q["time_vs_dense"] == pytest.approx(13 / 12) and q["mem_vs_dense"] == 54 / 52
+    assert by[(nf4, "PEFT HiRA")]["time_vs_dense"] == 1.5
+    assert "time_vs_dense" not in by[(dense, "LieRA order=1")]
+    assert "time_vs_hira" not in by[(int8, "LieRA order=1")]  # its PEFT HiRA failed
+    assert "time_vs_dense" in by[(int8, "LieRA order=1")]
+    assert "time/HiRA" in lines[-len(rows) - 1] and "time/dense" in lines[-len(rows) - 1]
 
 
 def test_train_batch_and_seq_reach_every_process(monkeypatch, tmp_path, capsys):
@@ -334,6 +375,10 @@ def test_train_batch_and_seq_reach_every_process(monkeypatch, tmp_path, capsys):
               "--seq", "128", "--repeats", "2", "--out", str(tmp_path)])
     assert len(seen) == 4 and "batch 4 x 128 tokens" in capsys.readouterr().out
     assert all((s["batch"], s["seq"], s["repeats"]) == (4, 128, 2) for s in seen)
+    with open(tmp_path / "train-processes.csv") as f:  # one line a process, by round
+        procs = list(csv.DictReader(f))
+    assert [(p["round"], p["method"]) for p in procs] == [
+        ("0", "PEFT LoRA"), ("1", "PEFT LoRA"), ("0", "LieRA order=1"), ("1", "LieRA order=1")]
 
 
 @pytest.mark.parametrize("model, layer, flag", [("llama-all-nf4", "Linear4bit", "4bit"),

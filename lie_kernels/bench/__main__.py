@@ -7,9 +7,7 @@ subcommand, ``sweep`` runs (``python -m lie_kernels.bench --quick`` is the sweep
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import sys
 
 import torch
@@ -54,31 +52,6 @@ def _positive_int(s):
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
     return n
-
-
-def _cpu_name() -> str:
-    """The CPU model (platform.processor() is empty on most Linux systems)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _device_line(device: str) -> str:
-    name = (torch.cuda.get_device_name() if device == "cuda" else
-            f"{_cpu_name()}, {torch.get_num_threads()} threads")
-    try:
-        import triton
-        tv = triton.__version__
-    except ImportError:
-        tv = "absent"
-    return (f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {device} "
-            f"({name}), torch {torch.__version__}, triton {tv}, CUDA {torch.version.cuda}, "
-            f"lie_kernels {lk.__version__}")
 
 
 # -- shared flags ------------------------------------------------------------------------
@@ -164,7 +137,7 @@ def _run_sweep(a, log):
     rows, caveats = sweep.run(a.device, cases, a.params, orders, dtypes, passes, backends,
                               a.with_compile, a.memory, log)
     sweep.write_csv(rows, os.path.join(a.out, "sweep.csv"))
-    sweep.plot(rows, os.path.join(a.out, "sweep.png"), _device_line(a.device).lstrip("# "),
+    sweep.plot(rows, os.path.join(a.out, "sweep.png"), measure.device_line(a.device).lstrip("# "),
                a.quick, caveats)
     log(f"# wrote {a.out}/sweep.csv and {a.out}/sweep.png")
 
@@ -194,7 +167,8 @@ def _run_cpu_core(a, log):
 
 def _train_args(p):
     from . import train
-    _common(p, "train.txt (the table), train.csv and train.png (the plot)",
+    _common(p, "train.txt (the table), train.csv, train-processes.csv (one line a process) "
+            "and train.png (the plot)",
             f"{', '.join(train.QUICK_MODELS)} with {', '.join(train.QUICK_METHODS)}, "
             "a small batch, 1 timed step, 1 process per row")
     p.add_argument("--models", type=_choices_list(train.MODELS, "model"), metavar="LIST",
@@ -332,7 +306,7 @@ def main(argv=None) -> None:
         print(s, flush=True)
         lines.append(s)
 
-    log(_device_line(getattr(a, "device", "cpu")))
+    log(measure.device_line(getattr(a, "device", "cpu")))
     a.run(a, log)
     with open(os.path.join(a.out, f"{a.command}.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")

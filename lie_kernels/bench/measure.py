@@ -18,13 +18,17 @@ so a later call can allocate hundreds of MiB without the mark moving.)
 """
 from __future__ import annotations
 
+import datetime
 import gc
 import os
+import platform
 import statistics
 import time
 from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
+
+from .. import __version__
 
 #: CPU timing effort: (warm-up calls, repeats, seconds budget); ``--quick`` lowers it
 EFFORT = {"warmup": 2, "max_reps": None, "budget_s": 2.0}
@@ -141,3 +145,31 @@ def copy_bandwidth_gbs(device: str) -> float:
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), device, reps=10)
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+# -- the machine a result was measured on ----------------------------------------------
+def _cpu_name() -> str:
+    """The CPU model (platform.processor() is empty on most Linux systems)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_line(device: str) -> str:
+    """A result file's first line: the time (UTC), the device, and the versions that
+    decide its numbers."""
+    name = (torch.cuda.get_device_name() if device == "cuda" else
+            f"{_cpu_name()}, {torch.get_num_threads()} threads")
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "absent"
+    return (f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {device} "
+            f"({name}), torch {torch.__version__}, triton {tv}, CUDA {torch.version.cuda}, "
+            f"lie_kernels {__version__}")

@@ -14,13 +14,18 @@ Models come from their own libraries with random weights (nothing is downloaded)
   PEFT adapts them with its bitsandbytes layers, full fine-tuning is not run.
 
 Every method gets the same rank and targets. Each (model, method) runs in fresh
-processes (``repeats`` of them, all methods of a model in turn before the next round):
+processes, ``repeats`` rounds of them, every (model, method) of the run once a round:
 median step time of the steps after two untimed ones, and the peak memory of those two
 above what was live before them, which includes the AdamW state: the most tensor memory
 live at once as PyTorch's allocator counts it (``measure.peak_mib``; on CPU scratch
 memory that oneDNN, MKL or bitsandbytes' native code allocate themselves is not seen).
-A row gives the medians over its processes and the range of its peaks; both medians are
-also given as ratios to PEFT LoRA on the same model. Output: table, CSV and PNG.
+A row gives the medians over its processes and the range of its peaks. Its ratios are
+paired: the median over rounds of its step (peak) over the reference's in the same
+round, so a machine that drifts between rounds moves both alike. References: PEFT LoRA
+on the same model (every row); on a quantized model also PEFT HiRA on the same model and
+the same method on the unquantized ``llama-all`` (the QLoRA targets: the op against
+PEFT's HiRA on that base, and what quantizing the base costs). Output: table, CSV, PNG,
+and ``train-processes.csv``: every process's own step time and peak.
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ from . import measure
 
 #: ``llama-all`` with its decoder's linear layers in bitsandbytes 4 or 8 bits (QLoRA's base)
 QUANTIZED = {"llama-all-nf4": "nf4", "llama-all-int8": "int8"}
+#: the model a quantized one quantizes
+UNQUANTIZED = dict.fromkeys(QUANTIZED, "llama-all")
 MODELS = ["resnet18", "convnext", "convnext-mlp", "llama-qv", "llama-all", *QUANTIZED]
 #: the method that trains W itself, which a quantized base does not allow
 FULL = "full fine-tune"
@@ -53,8 +60,8 @@ METHOD_KEYS = dict(zip(["lora", "hira", "hira-patched", "liera1", "liera4", "lie
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 #: (batch, image size, sequence length, timed steps, fresh processes per row): full run /
-#: --quick (CI). On a shared machine step times drift from one process to the next; the
-#: median over 3 processes, methods interleaved, steadies the ratios.
+#: --quick (CI). On a shared machine step times drift from one process to the next;
+#: rounds that run every row once, and ratios taken within a round, steady the ratios.
 SETTINGS = {"full": dict(batch=8, size=96, seq=256, steps=6, repeats=3),
             "quick": dict(batch=2, size=32, seq=32, steps=1, repeats=1)}
 #: --quick is a smoke test of the command, not a measurement: 2 fresh processes (the
@@ -223,8 +230,34 @@ def _fresh(model_name: str, method: str, device: str, rank: int, s: Dict) -> Dic
 
 
 # -- the benchmark ------------------------------------------------------------------------
+#: the references of a row's ratios: name -> the (model, method) it is compared with, or
+#: None where it has none
+REFERENCES = {
+    "lora": lambda model, method: (model, REFERENCE),
+    "hira": lambda model, method: (model, "PEFT HiRA") if model in QUANTIZED else None,
+    "dense": lambda model, method: ((UNQUANTIZED[model], method) if model in QUANTIZED
+                                    else None),
+}
 COLUMNS = ["model", "method", "targets", "trainable", "ms", "peak_mib", "peak_min",
-           "peak_max", "runs", "time_vs_lora", "mem_vs_lora", "error"]
+           "peak_max", "runs", *(f"{q}_vs_{ref}" for ref in REFERENCES for q in ("time", "mem")),
+           "error"]
+
+
+def _paired_ratio(runs: List[Dict], ref_runs: List[Dict], key: str) -> float:
+    """The median over rounds of ``runs[i][key] / ref_runs[i][key]``: both measured in
+    the same round, minutes apart at most, so drift between rounds cancels."""
+    return statistics.median(a[key] / max(b[key], 1e-9) for a, b in zip(runs, ref_runs))
+
+
+def _add_ratios(rows: List[Dict], runs: Dict[tuple, List[Dict]]) -> None:
+    for r in rows:
+        for name, ref_of in REFERENCES.items():
+            ref = ref_of(r["model"], r["method"])
+            if "error" in r or ref not in runs or any("error" in x for x in runs[ref]):
+                continue
+            mine = runs[(r["model"], r["method"])]
+            r[f"time_vs_{name}"] = _paired_ratio(mine, runs[ref], "ms")
+            r[f"mem_vs_{name}"] = _paired_ratio(mine, runs[ref], "peak_mib")
 
 
 def run(device: str, log=print, models: Optional[List[str]] = None,
@@ -243,50 +276,55 @@ def run(device: str, log=print, models: Optional[List[str]] = None,
         f"{s['steps']} steps after 2 untimed ones; peak = "
         + ("max_memory_allocated" if device == "cuda" else "the CPU allocator's events")
         + " over the 2 untimed steps, above the memory live before them; "
-        f"{s['repeats']} fresh process(es) per row, methods interleaved: medians over "
-        "them, peak range in brackets")
+        f"{s['repeats']} round(s) of fresh processes, each row once a round: medians over "
+        "them, peak range in brackets; ratios: medians over rounds of the row over its "
+        "reference in the same round")
     skipped = [m for m in models if m in QUANTIZED] if FULL in methods else []
     if skipped:
         log(f"# {FULL}: not run on {', '.join(skipped)}: a quantized base weight is "
             "stored as integer codes, which take no gradient")
-    rows = []
-    for m in models:
-        meths = [x for x in methods if not (m in skipped and x == FULL)]
-        runs: Dict[str, List[Dict]] = {meth: [] for meth in meths}
-        for _ in range(s["repeats"]):
-            for meth in meths:
-                runs[meth].append(_fresh(m, meth, device, rank, s))
-        rows += [_median_row(runs[meth]) for meth in meths]
-    for m in models:
-        ref = next((r for r in rows if r["model"] == m and r["method"] == REFERENCE
-                    and "error" not in r), None)
-        for r in rows:
-            if r["model"] == m and "error" not in r and ref is not None:
-                r["time_vs_lora"] = r["ms"] / ref["ms"]
-                r["mem_vs_lora"] = r["peak_mib"] / max(ref["peak_mib"], 1e-9)
+    pairs = [(m, meth) for m in models for meth in methods
+             if not (m in skipped and meth == FULL)]
+    runs: Dict[tuple, List[Dict]] = {pair: [] for pair in pairs}
+    for _ in range(s["repeats"]):
+        for m, meth in pairs:
+            runs[(m, meth)].append(_fresh(m, meth, device, rank, s))
+    rows = [_median_row(runs[pair]) for pair in pairs]
+    _add_ratios(rows, runs)
+    # the HiRA and dense references exist for quantized models only
+    shown = [ref for ref in REFERENCES if ref == "lora" or any(m in QUANTIZED for m in models)]
+    heads = {"lora": "LoRA", "hira": "HiRA", "dense": "dense"}
     log(f"{'model':<15}{'method':<24}{'targets':>8}{'trainable':>11}{'step ms':>10}"
-        f"{'peak MiB':>10}{'[range]':>15}{'time/LoRA':>11}{'mem/LoRA':>10}")
+        f"{'peak MiB':>10}{'[range]':>15}"
+        + "".join(f"{'time/' + heads[x]:>11}{'mem/' + heads[x]:>11}" for x in shown))
     for r in rows:
         if "error" in r:
             log(f"{r['model']:<15}{r['method']:<24}  failed: {r['error']}")
             continue
-        tl, ml = r.get("time_vs_lora"), r.get("mem_vs_lora")
         span = f"[{r['peak_min']:.0f}-{r['peak_max']:.0f}]"
+        ratios = [r.get(f"{q}_vs_{x}") for x in shown for q in ("time", "mem")]
         log(f"{r['model']:<15}{r['method']:<24}{r['targets']:>8}{r['trainable']:>11}{r['ms']:>10.1f}"
-            f"{r['peak_mib']:>10.1f}{span:>15}{'-' if tl is None else f'{tl:.2f}':>11}"
-            f"{'-' if ml is None else f'{ml:.2f}':>10}")
+            f"{r['peak_mib']:>10.1f}{span:>15}"
+            + "".join(f"{'-' if v is None else f'{v:.2f}':>11}" for v in ratios))
     if out:
         write_csv(rows, os.path.join(out, "train.csv"))
+        # every process's own numbers, so the spread behind a median can be seen
+        write_csv([dict(x, round=i) for pair in pairs for i, x in enumerate(runs[pair])],
+                  os.path.join(out, "train-processes.csv"), PROCESS_COLUMNS)
         plot(rows, os.path.join(out, "train.png"),
              f"{FULL}: not run on {', '.join(skipped)} (quantized base)"
              if skipped else None)
-        log(f"# wrote {os.path.join(out, 'train.csv')} and train.png")
+        log(f"# wrote {os.path.join(out, 'train.csv')}, train-processes.csv (one line a "
+            "process) and train.png")
     return rows
 
 
-def write_csv(rows: List[Dict], path: str) -> None:
+PROCESS_COLUMNS = ["round", "model", "method", "ms", "peak_mib", "error"]
+
+
+def write_csv(rows: List[Dict], path: str, columns: List[str] = COLUMNS) -> None:
     with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        wr = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         wr.writeheader()
         wr.writerows(rows)
 
