@@ -312,9 +312,10 @@ def _fake_fresh(monkeypatch, fake):
 
 def test_train_rows_are_medians_over_rounds_and_ratios_are_paired(monkeypatch):
     """With ``repeats`` 3 every (model, method) runs once per round, so drift hits all
-    alike; a row is the median step time and peak over its processes, with the peaks'
-    range; its ratio to PEFT LoRA is the median over rounds of the two measured in the
-    same round (not the ratio of the medians), and one failed process fails the row."""
+    alike (``train.round_order``); a row is the median step time and peak over its
+    processes, with the peaks' range; its ratio to PEFT LoRA is the median over rounds of
+    the two measured in the same round (not the ratio of the medians), and one failed
+    process fails the row."""
     from lie_kernels.bench import train
     calls = _fake_fresh(monkeypatch, {
         ("m", "PEFT LoRA"): [(10, 100), (30, 90), (20, 140)],
@@ -325,7 +326,10 @@ def test_train_rows_are_medians_over_rounds_and_ratios_are_paired(monkeypatch):
     methods = ["PEFT LoRA", "LieRA order=1", "LieRA order=4"]
     rows = train.run("cpu", log=lambda *_: None, models=["m", "n", "m"],
                      methods=methods + ["PEFT LoRA"], repeats=3)  # a repeated name: one row
-    assert calls == [(m, meth) for m in "mn" for meth in methods] * 3
+    # method by method, each round reversing the last: a pair's neighbours are the
+    # same method on the other models
+    one = [(m, meth) for meth in methods for m in "mn"]
+    assert calls == one + one[::-1] + one
     lora, lie, failed = rows[:3]
     assert (lora["ms"], lora["peak_mib"], lora["peak_min"], lora["peak_max"],
             lora["runs"]) == (20, 100, 90, 140, 3)

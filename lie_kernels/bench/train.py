@@ -14,11 +14,12 @@ Models come from their own libraries with random weights (nothing is downloaded)
   PEFT adapts them with its bitsandbytes layers, full fine-tuning is not run.
 
 Every method gets the same rank and targets. Each (model, method) runs in fresh
-processes, ``repeats`` rounds of them, every (model, method) of the run once a round:
-median step time of the steps after two untimed ones, and the peak memory of those two
-above what was live before them, which includes the AdamW state: the most tensor memory
-live at once as PyTorch's allocator counts it (``measure.peak_mib``; on CPU scratch
-memory that oneDNN, MKL or bitsandbytes' native code allocate themselves is not seen).
+processes, ``repeats`` rounds of them, every (model, method) of the run once a round
+(method by method, alternate rounds reversed: ``round_order``): median step time of the
+steps after two untimed ones, and the peak memory of those two above what was live
+before them, which includes the AdamW state: the most tensor memory live at once as
+PyTorch's allocator counts it (``measure.peak_mib``; on CPU scratch memory that oneDNN,
+MKL or bitsandbytes' native code allocate themselves is not seen).
 A row gives the medians over its processes and the range of its peaks. Its ratios are
 paired: the median over rounds of its step (peak) over the reference's in the same
 round, so a machine that drifts between rounds moves both alike. References: PEFT LoRA
@@ -230,6 +231,17 @@ def _fresh(model_name: str, method: str, device: str, rank: int, s: Dict) -> Dic
 
 
 # -- the benchmark ------------------------------------------------------------------------
+def round_order(pairs: List[tuple], i: int) -> List[tuple]:
+    """The (model, method) pairs in the order round ``i`` runs them: method by method, a
+    method's models one after the other, so a quantized row runs next to its unquantized
+    twin (the tight "within 1.10x" pair: seconds apart, not the minutes of a model's other
+    rows); every other round in reverse, so a drift within a round favours no position."""
+    models = list(dict.fromkeys(m for m, _ in pairs))
+    methods = list(dict.fromkeys(meth for _, meth in pairs))
+    order = [(m, meth) for meth in methods for m in models if (m, meth) in pairs]
+    return order[::-1] if i % 2 else order
+
+
 #: the references of a row's ratios: name -> the (model, method) it is compared with, or
 #: None where it has none
 REFERENCES = {
@@ -286,8 +298,8 @@ def run(device: str, log=print, models: Optional[List[str]] = None,
     pairs = [(m, meth) for m in models for meth in methods
              if not (m in skipped and meth == FULL)]
     runs: Dict[tuple, List[Dict]] = {pair: [] for pair in pairs}
-    for _ in range(s["repeats"]):
-        for m, meth in pairs:
+    for i in range(s["repeats"]):
+        for m, meth in round_order(pairs, i):
             runs[(m, meth)].append(_fresh(m, meth, device, rank, s))
     rows = [_median_row(runs[pair]) for pair in pairs]
     _add_ratios(rows, runs)
