@@ -232,6 +232,24 @@ def test_the_gate_tells_the_packed_bytes_loads_apart():
     assert triton_aot.load_widths(llir, 2) == set()
 
 
+def test_roofline_table_has_rows_for_each_stored_format():
+    """``bench roofline`` predicts the quantized kernels beside the dense ones: every
+    Linear case also in each stored format, reading fewer bytes than dense the narrower the
+    codes, within a few percent of its floor in the forward."""
+    from lie_kernels.bench import roofline
+    from lie_kernels.bench.shapes import SWEEP
+    rows = roofline.table(SWEEP)
+    quant = [r for r in rows if r["w"] != "dense"]
+    assert {r["case"] for r in quant} == {c.name for c in SWEEP if len(c.shape) == 2}
+    assert {r["w"] for r in quant} == set(roofline.QUANTIZED_ROWS["w"])
+    assert {r["dtype"] for r in quant} == set(roofline.QUANTIZED_ROWS["dtypes"])
+    fwd = {r["w"]: r for r in rows
+           if (r["case"], r["dtype"], r["order"], r["kernel"]) == ("linear.4096x4096", "bf16", 1,
+                                                                   "fwd")}
+    assert fwd["nf4"]["MB"] < fwd["int8"]["MB"] == fwd["fp8"]["MB"] < fwd["dense"]["MB"]
+    assert all(r["x_floor"] < 1.01 for r in fwd.values())
+
+
 def test_roofline_counts_the_stored_bytes():
     """The roofline reads a quantized W as stored (codes and fp32 scales, once a pass): a
     bf16 W' written and, in the backward, g read in the compute dtype; no dW."""

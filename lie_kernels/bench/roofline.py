@@ -46,6 +46,7 @@ LAUNCH is an assumption (a Triton launch from Python, ~3 µs).
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import os
 from typing import Dict, Iterable, List, Optional
@@ -195,27 +196,37 @@ def predict_mode(shape, rank: int, dtype: str, order: Optional[int], mode: str) 
                 partial_x_w=bwd["partial_x_w"])
 
 
+#: the stored formats of a Linear (2-D) W in the table beside dense, each at these compute
+#: dtypes: QLoRA's bf16 and bitsandbytes' default fp32
+QUANTIZED_ROWS = {"w": ("nf4", "int8", "fp8"), "dtypes": ("bf16", "fp32")}
+
+
 def table(cases: Iterable, dtypes=("bf16", "fp16", "fp32"), orders=(1, 4, None)) -> List[Dict]:
-    """One row per (sweep case, dtype, order, pass) with the Triton kernels' prediction."""
+    """One row per (sweep case, W's format, dtype, order, pass) with the Triton kernels'
+    prediction: every case dense; a 2-D (Linear) case also with W stored in each of
+    ``QUANTIZED_ROWS["w"]`` (``dtype``: the compute dtype; the backward writes no dW)."""
     out = []
     for case in cases:
         rows, cols = case.shape[0], math.prod(case.shape[1:])
-        for dtype in dtypes:
-            for order in orders:
-                for kernel in ("fwd", "bwd", "bwd-det"):
-                    p = predict(rows, cols, case.rank, dtype, order, kernel)
-                    out.append(dict(case=case.name, shape="x".join(map(str, case.shape)),
-                                    rank=case.rank, dtype=dtype,
-                                    order="exact" if order is None else order, kernel=kernel,
-                                    MB=round(p["bytes"] / 1e6, 3),
-                                    x_floor=round(p["bytes_x_floor"], 3),
-                                    partial_x_W=round(p["partial_x_w"], 3),
-                                    l2_atomic_MB=round(p["l2_atomic_bytes"] / 1e6, 3),
-                                    mem_us=round(p["t_mem_us"], 2),
-                                    compute_us=round(p["t_compute_us"], 2),
-                                    pred_us=round(p["time_us"], 2),
-                                    floor_us=round(p["floor_us"], 2),
-                                    frac_floor=round(p["frac_floor"], 3)))
+        formats = [(None, dtypes)]
+        if len(case.shape) == 2:
+            formats += [(q, QUANTIZED_ROWS["dtypes"]) for q in QUANTIZED_ROWS["w"]]
+        for quantized, dts in formats:
+            for dtype, order, kernel in itertools.product(dts, orders,
+                                                          ("fwd", "bwd", "bwd-det")):
+                p = predict(rows, cols, case.rank, dtype, order, kernel, quantized=quantized)
+                out.append(dict(case=case.name, shape="x".join(map(str, case.shape)),
+                                w=quantized or "dense", rank=case.rank, dtype=dtype,
+                                order="exact" if order is None else order, kernel=kernel,
+                                MB=round(p["bytes"] / 1e6, 3),
+                                x_floor=round(p["bytes_x_floor"], 3),
+                                partial_x_W=round(p["partial_x_w"], 3),
+                                l2_atomic_MB=round(p["l2_atomic_bytes"] / 1e6, 3),
+                                mem_us=round(p["t_mem_us"], 2),
+                                compute_us=round(p["t_compute_us"], 2),
+                                pred_us=round(p["time_us"], 2),
+                                floor_us=round(p["floor_us"], 2),
+                                frac_floor=round(p["frac_floor"], 3)))
     return out
 
 
@@ -245,6 +256,8 @@ def run(out_dir: str, log=print, ranks: Optional[List[int]] = None) -> List[Dict
         f"launch {LAUNCH * 1e6:.0f} us (assumed)")
     log("# x_floor: bytes moved / bytes floor; frac_floor: floor time / predicted time; "
         "partial_x_W: fp32 scratch / W's bytes")
+    log("# w: W as stored, dense or quantized (then dtype is the compute dtype, W' and g "
+        "are in it, no dW; the floor reads the stored codes and scales once a pass)")
     log("# kernel bwd: atomic reduction (default); bwd-det: split partials summed in a "
         "fixed order (torch.use_deterministic_algorithms); l2_atomic_MB: atomic additions "
         "served by L2, not in x_floor (assumed hidden under the HBM stream)")
