@@ -2,11 +2,10 @@
 
 ``python -m dev.quant_overhead [--bases nf4,int8] [--orders 1,4,exact] [--rounds 12]
 [--batch 4] [--seq 128]`` builds the ``bench train`` Llama unquantized and on each base,
-all with LieRA of the given order and rank ``RANK``, and alternates their steps: round
+all with LieRA of the given order at ``train.RANK``, and alternates their steps: round
 after round, one step of each model, every other round in reverse order (so none always
-steps first). It prints, per order,
-the median over rounds of quantized / unquantized. That is the "within 1.10x of the
-same method unquantized" target of docs/quantized.md.
+steps first). It prints, per order, the median over rounds of quantized / unquantized.
+That is the "within 1.10x of the same method unquantized" target of docs/quantized.md.
 
 ``bench train`` measures the same thing in fresh processes, a quantized row next to its
 unquantized twin in each round. On this shared machine one round's ratio there ranged
@@ -24,8 +23,6 @@ from lie_kernels.bench import measure, train
 
 #: the quantized model of ``bench train`` for each base
 MODEL_OF = {kind: name for name, kind in train.QUANTIZED.items()}
-#: LieRA's rank (``bench train``'s default)
-RANK = 16
 
 
 def ratios(bases: List[str], order: str, rounds: int, batch: int, seq: int) -> Dict[str, float]:
@@ -35,7 +32,7 @@ def ratios(bases: List[str], order: str, rounds: int, batch: int, seq: int) -> D
     steps = {}
     for name in names:
         model, ids, loss_fn, targets = train.build(name, batch, 32, seq, "cpu")
-        model = train.adapt(model, f"LieRA order={order}", targets, RANK)
+        model = train.adapt(model, f"LieRA order={order}", targets, train.RANK)
         steps[name] = train.stepper(model, ids, loss_fn)
     per_round: Dict[str, List[float]] = {b: [] for b in bases}
     for i in range(rounds + 2):
@@ -69,7 +66,7 @@ def main(argv=None) -> int:
         p.error(f"--orders: expected non-negative integers or 'exact', got {bad}")
     import bitsandbytes
     print(f"{measure.device_line('cpu')}, bitsandbytes {bitsandbytes.__version__}")
-    print(f"# quantized / unquantized step, LieRA rank {RANK}, Llama batch {a.batch} x "
+    print(f"# quantized / unquantized step, LieRA rank {train.RANK}, Llama batch {a.batch} x "
           f"{a.seq}; median over {a.rounds} rounds of steps alternated in one process")
     for order in orders:
         r = ratios(bases, order, a.rounds, a.batch, a.seq)

@@ -241,8 +241,8 @@ def test_roofline_table_has_rows_for_each_stored_format():
     rows = roofline.table(SWEEP)
     quant = [r for r in rows if r["w"] != "dense"]
     assert {r["case"] for r in quant} == {c.name for c in SWEEP if len(c.shape) == 2}
-    assert {r["w"] for r in quant} == set(roofline.QUANTIZED_ROWS["w"])
-    assert {r["dtype"] for r in quant} == set(roofline.QUANTIZED_ROWS["dtypes"])
+    assert {r["w"] for r in quant} == set(roofline.QUANTIZED_W)
+    assert {r["dtype"] for r in quant} == set(roofline.QUANTIZED_DTYPES)
     fwd = {r["w"]: r for r in rows
            if (r["case"], r["dtype"], r["order"], r["kernel"]) == ("linear.4096x4096", "bf16", 1,
                                                                    "fwd")}

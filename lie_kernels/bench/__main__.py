@@ -176,7 +176,8 @@ def _train_args(p):
     p.add_argument("--methods", type=_choices_list(list(train.METHOD_KEYS), "method"),
                    metavar="LIST", help="comma list of " + ", ".join(
                        f"{k} ({v})" for k, v in train.METHOD_KEYS.items()) + " (default: all)")
-    p.add_argument("--rank", type=int, default=16, help="rank of every method (default: 16)")
+    p.add_argument("--rank", type=int, default=train.RANK,
+                   help=f"rank of every method (default: {train.RANK})")
     p.add_argument("--repeats", type=_positive_int, metavar="N",
                    help="fresh processes per row, medians over them (default: 3; --quick: 1)")
     full, quick = train.SETTINGS["full"], train.SETTINGS["quick"]

@@ -196,21 +196,22 @@ def predict_mode(shape, rank: int, dtype: str, order: Optional[int], mode: str) 
                 partial_x_w=bwd["partial_x_w"])
 
 
-#: the stored formats of a Linear (2-D) W in the table beside dense, each at these compute
-#: dtypes: QLoRA's bf16 and bitsandbytes' default fp32
-QUANTIZED_ROWS = {"w": ("nf4", "int8", "fp8"), "dtypes": ("bf16", "fp32")}
+#: the stored formats of a Linear (2-D) W in the table beside dense, each at the compute
+#: dtypes QUANTIZED_DTYPES: QLoRA's bf16 and bitsandbytes' default fp32
+QUANTIZED_W = ("nf4", "int8", "fp8")
+QUANTIZED_DTYPES = ("bf16", "fp32")
 
 
 def table(cases: Iterable, dtypes=("bf16", "fp16", "fp32"), orders=(1, 4, None)) -> List[Dict]:
     """One row per (sweep case, W's format, dtype, order, pass) with the Triton kernels'
     prediction: every case dense; a 2-D (Linear) case also with W stored in each of
-    ``QUANTIZED_ROWS["w"]`` (``dtype``: the compute dtype; the backward writes no dW)."""
+    ``QUANTIZED_W`` (``dtype``: the compute dtype; the backward writes no dW)."""
     out = []
     for case in cases:
         rows, cols = case.shape[0], math.prod(case.shape[1:])
         formats = [(None, dtypes)]
         if len(case.shape) == 2:
-            formats += [(q, QUANTIZED_ROWS["dtypes"]) for q in QUANTIZED_ROWS["w"]]
+            formats += [(q, QUANTIZED_DTYPES) for q in QUANTIZED_W]
         for quantized, dts in formats:
             for dtype, order, kernel in itertools.product(dts, orders,
                                                           ("fwd", "bwd", "bwd-det")):

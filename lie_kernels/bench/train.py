@@ -55,6 +55,8 @@ FULL = "full fine-tune"
 METHODS = ["PEFT LoRA", "PEFT HiRA", "PEFT HiRA + patch_hira", "LieRA order=1",
            "LieRA order=4", "LieRA order=exact", FULL]
 REFERENCE = "PEFT LoRA"
+#: every method's rank unless ``--rank`` says otherwise
+RANK = 16
 #: command-line keys of the methods
 METHOD_KEYS = dict(zip(["lora", "hira", "hira-patched", "liera1", "liera4", "liera-exact",
                         "full"], METHODS))
@@ -236,9 +238,8 @@ def round_order(pairs: List[tuple], i: int) -> List[tuple]:
     method's models one after the other, so a quantized row runs next to its unquantized
     twin (the tight "within 1.10x" pair: seconds apart, not the minutes of a model's other
     rows); every other round in reverse, so a drift within a round favours no position."""
-    models = list(dict.fromkeys(m for m, _ in pairs))
     methods = list(dict.fromkeys(meth for _, meth in pairs))
-    order = [(m, meth) for meth in methods for m in models if (m, meth) in pairs]
+    order = sorted(pairs, key=lambda pair: methods.index(pair[1]))  # stable: models in order
     return order[::-1] if i % 2 else order
 
 
@@ -273,7 +274,7 @@ def _add_ratios(rows: List[Dict], runs: Dict[tuple, List[Dict]]) -> None:
 
 
 def run(device: str, log=print, models: Optional[List[str]] = None,
-        methods: Optional[List[str]] = None, rank: int = 16, quick: bool = False,
+        methods: Optional[List[str]] = None, rank: int = RANK, quick: bool = False,
         out: Optional[str] = None, repeats: Optional[int] = None,
         batch: Optional[int] = None, seq: Optional[int] = None) -> List[Dict]:
     """The table; ``repeats``, ``batch`` and ``seq`` override the setting's own."""
